@@ -1,0 +1,16 @@
+"""The custom ops: one module per op, each exporting CONTRACT. This registry is what every other part reads."""
+from .block_sparse_attention import CONTRACT as BLOCK_SPARSE_ATTENTION
+from .contract import DOMAIN, PLUGIN_NAMESPACE, OpContract
+from .linear_attention import CONTRACT as LINEAR_ATTENTION
+
+OPS: dict[str, OpContract] = {op.op_type: op for op in (BLOCK_SPARSE_ATTENTION, LINEAR_ATTENTION)}
+
+
+def contract_for(node) -> OpContract | None:
+    """The contract of an ONNX node, or None when the node is not one of ours."""
+    if node.domain != DOMAIN:
+        return None
+    return OPS.get(node.op_type)
+
+
+__all__ = ["OPS", "DOMAIN", "PLUGIN_NAMESPACE", "OpContract", "contract_for", "BLOCK_SPARSE_ATTENTION", "LINEAR_ATTENTION"]

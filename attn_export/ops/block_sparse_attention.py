@@ -1,0 +1,160 @@
+"""BlockSparseAttention: softmax attention where each query block sees a table of key blocks (kernel family K2).
+
+Semantics, per head h and query block i (blocks of `block_size` tokens, nb = N / block_size):
+  - a global row (i < global_blocks or i >= nb - global_blocks) attends to every key;
+  - any other row attends to the union of key blocks block_index[h, i, :] (entries < 0 mean "no block";
+    a block listed twice counts once);
+  - scores are scale * q.k (scale 0 means 1/sqrt(head_dim)); a row that sees no key outputs zeros.
+This covers BigBird (window + global + random), Hypercube, and banded local attention.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from onnx import numpy_helper
+
+from .contract import Attribute, OpContract, TensorSpec
+from .onnx_builder import OnnxBuilder
+
+FLOATS = ("float32", "float16", "bfloat16")
+
+
+def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    b, n, _ = x.shape
+    return x.reshape(b, n, num_heads, -1).transpose(1, 2)
+
+
+def visible_slots(block_index: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """[.., m] table -> bool [.., m]: a slot counts if it names a real block not named by an earlier slot."""
+    valid = (block_index >= 0) & (block_index < num_blocks)
+    same = block_index.unsqueeze(-1) == block_index.unsqueeze(-2)  # [.., m, m]
+    earlier = torch.ones(same.shape[-2:], dtype=torch.bool, device=block_index.device).tril(-1)
+    duplicate = (same & earlier & valid.unsqueeze(-2)).any(-1)
+    return valid & ~duplicate
+
+
+def reference(query, key, value, block_index, *, num_heads=1, block_size=64, scale=0.0, global_blocks=0):
+    q, k, v = (_split_heads(t, num_heads) for t in (query, key, value))
+    batch, heads, n, d = q.shape
+    if n % block_size:
+        raise ValueError(f"sequence length {n} is not a multiple of block_size {block_size}")
+    nb = n // block_size
+    scale = scale or 1.0 / math.sqrt(d)
+    table = block_index.to(torch.int64).expand(heads, nb, -1)
+    visible = visible_slots(table, nb)  # [H, nb, m]
+
+    # token-level visibility [H, nb, nb] -> [H, N, N]: one softmax over the union of the listed blocks
+    block_mask = torch.zeros(heads, nb, nb + 1, dtype=torch.bool, device=q.device)
+    block_mask.scatter_(2, torch.where(visible, table, nb), True)
+    block_mask = block_mask[..., :nb]
+    rows = torch.arange(nb, device=q.device)
+    is_global = (rows < global_blocks) | (rows >= nb - global_blocks)
+    block_mask = block_mask | is_global[None, :, None]
+    mask = block_mask.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)
+
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, -1).nan_to_num(0.0)
+    out = (probs @ v.float()).to(query.dtype)
+    return out.transpose(1, 2).reshape(batch, n, heads * d)
+
+
+def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict) -> None:
+    """Gather-based decomposition: memory O(N * m * block_size), never the dense N x N score matrix."""
+    query, key, value, block_index = inputs
+    heads, bs, g = attrs["num_heads"], attrs["block_size"], attrs["global_blocks"]
+    q, k, v = (b.split_heads(t, heads) for t in (query, key, value))  # [B,H,N,D]
+    shape = b.op("Shape", q)
+    head_dim = b.dim(shape, 3)
+    scale = attrs["scale"]
+    if scale:
+        scale_t = b.const(scale, np.float32)
+    else:
+        scale_t = b.op("Reciprocal", b.op("Sqrt", b.op("Cast", head_dim, to=1)))
+    scale_t = b.op("CastLike", scale_t, q)
+
+    blocked = b.op("Concat", b.dim(shape, 0), b.dim(shape, 1), b.const([-1, bs]), head_dim, axis=0)
+    qb, kb, vb = (b.op("Reshape", t, blocked) for t in (q, k, v))  # [B,H,nb,bs,D]
+    nb = b.dim(b.op("Shape", qb), 2)
+
+    table = b.op("Cast", block_index, to=7)
+    table = b.op("Expand", table, b.op("Concat", b.const([heads]), nb, b.const([1]), axis=0))  # [H,nb,m]
+    m = b.dim(b.op("Shape", table), 2)
+    valid = b.op("And", b.op("GreaterOrEqual", table, b.const(0)), b.op("Less", table, nb))
+    same = b.op("Equal", b.unsqueeze(table, [-1]), b.unsqueeze(table, [-2]))  # [H,nb,m,m]
+    ones = b.op("ConstantOfShape", b.op("Concat", m, m, axis=0), value=numpy_helper.from_array(np.ones(1, np.int64)))
+    earlier = b.op("Cast", b.op("Trilu", ones, b.const(-1), upper=0), to=9)
+    dup = b.op("And", b.op("And", same, earlier), b.unsqueeze(valid, [-2]))
+    dup_any = b.op("Cast", b.reduce("ReduceMax", b.op("Cast", dup, to=6), [-1], keepdims=0), to=9)
+    visible = b.op("And", valid, b.op("Not", dup_any))  # [H,nb,m]
+
+    # gather the listed key/value blocks through a flat (head, block) index
+    clamped = b.op("Max", table, b.const(0))
+    head_offset = b.op("Mul", b.const(np.arange(heads).reshape(heads, 1, 1)), nb)
+    flat_index = b.op("Add", clamped, head_offset)
+    flat_shape = b.op("Concat", b.dim(shape, 0), b.const([-1, bs]), head_dim, axis=0)
+    gathered_shape = b.op("Concat", b.dim(shape, 0), b.dim(shape, 1), nb, b.const([-1]), head_dim, axis=0)
+    kg, vg = (b.op("Reshape", b.op("Gather", b.op("Reshape", t, flat_shape), flat_index, axis=1), gathered_shape)
+              for t in (kb, vb))  # [B,H,nb,m*bs,D]
+
+    scores = b.op("Mul", b.op("MatMul", qb, b.transpose_last(kg, 5)), scale_t)  # [B,H,nb,bs,m*bs]
+    key_visible = b.op("Expand", b.unsqueeze(visible, [-1]),
+                       b.op("Concat", b.const([heads]), nb, m, b.const([bs]), axis=0))
+    key_visible = b.op("Reshape", key_visible, b.op("Concat", b.const([heads]), nb, b.const([1, -1]), axis=0))
+    neg_inf = b.op("CastLike", b.const(-np.inf, np.float32), scores)
+    probs = _safe_softmax(b, b.op("Where", key_visible, scores, neg_inf))
+    out_blocks = b.op("MatMul", probs, vg)  # [B,H,nb,bs,D]
+
+    if g:
+        # global rows attend densely to every key: rows [0, g) and [max(nb-g, g), nb)
+        zero, g_t = b.const([0]), b.const([g])
+        first_end = b.op("Min", g_t, nb)
+        last_start = b.op("Max", b.op("Sub", nb, g_t), first_end)
+        q_rows = b.op("Concat", b.op("Slice", qb, zero, first_end, b.const([2])),
+                      b.op("Slice", qb, last_start, nb, b.const([2])), axis=2)
+        rows_shape = b.op("Concat", b.dim(shape, 0), b.dim(shape, 1), b.const([-1]), head_dim, axis=0)
+        q_rows = b.op("Reshape", q_rows, rows_shape)
+        dense = b.op("MatMul", _safe_softmax(b, b.op("Mul", b.op("MatMul", q_rows, b.transpose_last(k, 4)), scale_t)), v)
+        dense = b.op("Reshape", dense, blocked)  # [B,H,rows,bs,D]
+        n_first = b.op("Shape", b.op("Slice", qb, zero, first_end, b.const([2])))
+        dense_first = b.op("Slice", dense, zero, b.dim(n_first, 2), b.const([2]))
+        dense_last = b.op("Slice", dense, b.dim(n_first, 2), b.const([np.iinfo(np.int64).max]), b.const([2]))
+        middle = b.op("Slice", out_blocks, first_end, last_start, b.const([2]))
+        out_blocks = b.op("Concat", dense_first, middle, dense_last, axis=2)
+
+    b.merge_heads(b.op("Reshape", out_blocks, b.op("Shape", q)), outputs[0])
+
+
+def _safe_softmax(b: OnnxBuilder, scores: str) -> str:
+    """Softmax over the last axis with rows that see no key set to zero instead of NaN."""
+    probs = b.op("Softmax", scores, axis=-1)
+    return b.op("Where", b.op("IsNaN", probs), b.op("CastLike", b.const(0.0, np.float32), probs), probs)
+
+
+def output_shapes(input_shapes, attrs):
+    return [tuple(input_shapes[0])]
+
+
+CONTRACT = OpContract(
+    op_type="BlockSparseAttention",
+    version=1,
+    doc=__doc__,
+    inputs=(
+        TensorSpec("query", 3, FLOATS, "[B, N, H*D]"),
+        TensorSpec("key", 3, FLOATS, "[B, N, H*D]"),
+        TensorSpec("value", 3, FLOATS, "[B, N, H*D]"),
+        TensorSpec("block_index", 3, ("int32",), "[H or 1, N/block_size, m] key blocks per query block; <0 = none"),
+    ),
+    outputs=(TensorSpec("output", 3, FLOATS, "[B, N, H*D]"),),
+    attributes=(
+        Attribute("num_heads", "int", 1, "H: the last axis of query/key/value is H*D"),
+        Attribute("block_size", "int", 64, "tokens per block; N must be a multiple"),
+        Attribute("scale", "float", 0.0, "score scale; 0 means 1/sqrt(D)"),
+        Attribute("global_blocks", "int", 0, "the first and the last this-many query blocks attend to all keys"),
+    ),
+    reference=reference,
+    decompose=decompose,
+    output_shapes=output_shapes,
+)

@@ -1,0 +1,251 @@
+"""The pass framework: every pass matches a candidate, verifies it, and only then replaces it.
+
+match   a family pass finds an anchor (a softmax core, a feature-map product) and walks to the layer's boundary:
+        the q/k/v tensors in [B, N, H*D] where the heads are split off, and the output where they are merged.
+verify  the region between them must read nothing but q/k/v and static tensors (constants, shapes), must not
+        leak an internal tensor, and the op's torch reference on the probe values of q/k/v must reproduce the
+        probe value of the output at every probe shape.
+replace the region's nodes are detached and one custom node (plus small static helpers) is inserted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from ..ops import OpContract
+from .graph import GraphIndex
+from .probe import Probe
+
+# ops that only move data: walking through them from q/k/v keeps the same values
+LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast", "Flatten", "Expand"}
+GATHER_OPS = {"Gather", "GatherND", "GatherElements", "Slice", "Concat", "Pad", "Tile"}
+
+
+class NotFused(Exception):
+    """A candidate that is attention but cannot be fused; the message is the report's reason."""
+
+
+@dataclass
+class LayerResult:
+    name: str
+    op: str
+    status: str  # "fused" or "not fused"
+    reason: str = ""
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self):
+        return {"name": self.name, "op": self.op, "status": self.status, "reason": self.reason,
+                "attributes": self.attributes}
+
+
+@dataclass
+class Match:
+    """A verified region, ready to be replaced."""
+    contract: OpContract
+    name: str
+    inputs: list[str]  # q, k, v (+ extra tensors created by the pass)
+    output: str
+    attrs: dict[str, Any]
+    nodes: list[onnx.NodeProto]
+    new_initializers: list[onnx.TensorProto] = field(default_factory=list)
+    new_nodes: list[onnx.NodeProto] = field(default_factory=list)
+
+
+def scalar_value(index: GraphIndex, probe: Probe, name: str) -> float | None:
+    """The value of a static scalar tensor, else None."""
+    if not index.is_static(name):
+        return None
+    value = probe.runs[0].get(name)
+    if value is None or np.size(value) != 1:
+        return None
+    return float(np.asarray(value).reshape(()))
+
+
+def walk_to_boundary(index: GraphIndex, probe: Probe, tensor: str, through: set[str] = frozenset()):
+    """Walk up from `tensor` through layout ops (and `through`, e.g. gathers with static indices) and scalar
+    scalings. Returns (boundary tensor, product of scalings, names of ops passed)."""
+    factor, passed = 1.0, []
+    while True:
+        node = index.producer.get(tensor)
+        if node is None:
+            return tensor, factor, passed
+        dynamic = index.dynamic_inputs(node)
+        if len(dynamic) != 1:
+            return tensor, factor, passed
+        if node.op_type in ("Mul", "Div"):
+            other = [i for i in node.input if i != dynamic[0]]
+            value = scalar_value(index, probe, other[0]) if len(other) == 1 else None
+            if value is None or (node.op_type == "Div" and node.input[0] != dynamic[0]) or value == 0:
+                return tensor, factor, passed
+            factor *= value if node.op_type == "Mul" else 1.0 / value
+        elif node.op_type not in LAYOUT_OPS and node.op_type not in through:
+            return tensor, factor, passed
+        elif node.input[0] != dynamic[0] and node.op_type not in ("Concat",):
+            return tensor, factor, passed
+        passed.append(node.op_type)
+        tensor = dynamic[0]
+
+
+def find_output(index: GraphIndex, probe: Probe, starts: list[str], like: str, limit: int = 60) -> str | None:
+    """The first tensor downstream of every start whose shape equals `like`'s at every probe: where heads merge."""
+    descendant_sets = []
+    for start in starts:
+        nodes = index.descendants({start})[:limit]
+        descendant_sets.append({o for n in nodes for o in n.output})
+    common = set.intersection(*descendant_sets) if descendant_sets else set()
+    for node in index.descendants(set(starts))[:limit]:
+        for out in node.output:
+            if out in common and probe.same_shape_in_all(out, like):
+                return out
+    return None
+
+
+def region(index: GraphIndex, boundary: list[str], output: str) -> tuple[list[onnx.NodeProto], list[str]]:
+    """Nodes between the boundary tensors and the output, and the dynamic tensors they read from outside."""
+    stop = set(boundary)
+    upstream = {id(n) for n in index.ancestors(output, stop)}
+    # static nodes (shape arithmetic, layouts) stay in the graph: they only read shapes and constants
+    nodes = [n for n in index.descendants(stop)
+             if id(n) in upstream and not all(o in index.static for o in n.output if o)]
+    produced = {o for n in nodes for o in n.output}
+    outside = sorted({i for n in nodes for i in n.input
+                      if i and i not in produced and i not in stop and not index.is_static(i)})
+    return nodes, outside
+
+
+def check_no_escape(index: GraphIndex, nodes: list[onnx.NodeProto], output: str) -> None:
+    ids = {id(n) for n in nodes}
+    for node in nodes:
+        for out in node.output:
+            if not out or out == output:
+                continue
+            if out in index.graph_outputs:
+                raise NotFused(f"intermediate tensor '{out}' is a graph output")
+            users = [c for c in index.consumers.get(out, []) if id(c) not in ids and not _only_feeds(index, c, ids)]
+            if users:
+                raise NotFused(f"intermediate tensor '{out}' is also used outside the attention ({users[0].op_type} "
+                               f"'{users[0].name}')")
+
+
+def _only_feeds(index: GraphIndex, node: onnx.NodeProto, ids: set[int]) -> bool:
+    """True for a shape computation whose results reach only the region: it disappears with the region."""
+    if not all(o in index.static for o in node.output if o):
+        return False
+    todo, seen = list(node.output), set()
+    while todo:
+        t = todo.pop()
+        if t in index.graph_outputs:
+            return False
+        for user in index.consumers.get(t, []):
+            if id(user) in ids or id(user) in seen:
+                continue
+            if not all(o in index.static for o in user.output if o):
+                return False
+            seen.add(id(user))
+            todo.extend(user.output)
+    return True
+
+
+def verify_numerically(contract: OpContract, probe: Probe, inputs: list, output: str, attrs: dict,
+                       atol: float = 1e-4, rtol: float = 1e-3) -> str:
+    """Empty string when the op's reference reproduces the graph's output at every probe; else why not.
+    `inputs` holds tensor names (values read from the probe) or callables run -> array."""
+    for run in range(len(probe.runs)):
+        values = probe.runs[run]
+        args = [torch.from_numpy(np.asarray(x(run) if callable(x) else values[x])) for x in inputs]
+        expected = values[output]
+        try:
+            got = contract.reference(*args, **attrs).numpy()
+        except Exception as e:  # a wrong guess of attributes or roles; report it as a mismatch
+            return f"reference failed ({str(e).splitlines()[0]})"
+        if got.shape != expected.shape:
+            return f"shape {got.shape} vs {expected.shape}"
+        err = np.abs(got - expected)
+        bound = atol + rtol * np.abs(expected)
+        if not np.all(err <= bound):
+            return f"max abs error {float(err.max()):.3g} at probe {run} (shape {expected.shape})"
+    return ""
+
+
+def replace_all(model: onnx.ModelProto, matches: list[Match], static: set[str]) -> None:
+    """Detach exactly the matched nodes and insert each match's custom node and static helpers."""
+    removed = {id(n) for m in matches for n in m.nodes}
+    # a kept shape computation may still read a region tensor (e.g. a layout sized from the split queries):
+    # keep the region nodes that produce it
+    producer = {o: n for n in model.graph.node for o in n.output}
+    todo = [i for n in model.graph.node if id(n) not in removed and all(
+        o in static for o in n.output if o) for i in n.input]
+    while todo:
+        node = producer.get(todo.pop())
+        if node is not None and id(node) in removed:
+            removed.discard(id(node))
+            todo.extend(node.input)
+    new_nodes = [n for n in model.graph.node if id(n) not in removed]
+    for m in matches:
+        new_nodes += m.new_nodes + [m.contract.make_node(m.inputs, [m.output], m.name, m.attrs)]
+        model.graph.initializer.extend(m.new_initializers)
+        if not any(o.domain == m.contract.domain for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(m.contract.domain, 1))
+    copies = []
+    for node in new_nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copies.append(copy)
+    del model.graph.node[:]
+    model.graph.node.extend(copies)
+
+
+def run_subgraph(index: GraphIndex, feeds: dict[str, np.ndarray], output: str, values: dict) -> np.ndarray:
+    """Evaluate `output` with some tensors replaced by `feeds`; everything else it needs comes from `values`."""
+    import onnxruntime as ort
+
+    nodes = index.ancestors(output, stop=set(feeds))
+    produced = {o for n in nodes for o in n.output}
+    needed = sorted({i for n in nodes for i in n.input if i and i not in produced})
+    all_feeds = {name: feeds[name] if name in feeds else values[name] for name in needed}
+    inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype), None)
+              for name, v in all_feeds.items()]
+    ordered = sorted(nodes, key=lambda n: index.position[id(n)])
+    graph = helper.make_graph(ordered, "subgraph", inputs, [onnx.ValueInfoProto(name=output)])
+    model = helper.make_model(graph, opset_imports=index.model.opset_import)
+    model.ir_version = index.model.ir_version
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run([output], {k: np.asarray(v) for k, v in all_feeds.items()})[0]
+
+
+def constant(name: str, value: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.ascontiguousarray(value), name)
+
+
+def has_dynamic_shapes(model: onnx.ModelProto) -> bool:
+    return any(not d.HasField("dim_value") for i in model.graph.input for d in i.type.tensor_type.shape.dim)
+
+
+def static_tensor_matching(index: GraphIndex, probe: Probe, expected: list[np.ndarray], ignore_rows: list) -> str | None:
+    """A static integer tensor whose values equal `expected[run]` at every probe (negative entries mean "none",
+    rows in ignore_rows[run] are not compared). Used to keep a shape-dependent layout computed in the graph."""
+    for name in index.static:
+        if name in index.initializers and not index.consumers.get(name):
+            continue
+        ok = True
+        for run, want in enumerate(expected):
+            value = probe.runs[run].get(name)
+            if value is None or not np.issubdtype(np.asarray(value).dtype, np.integer) or value.ndim != want.ndim:
+                ok = False
+                break
+            if value.shape[1:] != want.shape[1:] or value.shape[0] not in (1, want.shape[0]):
+                ok = False
+                break
+            got = np.where(np.broadcast_to(value, want.shape) >= 0, np.broadcast_to(value, want.shape), -1)
+            rows = [r for r in range(want.shape[1]) if r not in ignore_rows[run]]
+            if not np.array_equal(got[:, rows], want[:, rows]):
+                ok = False
+                break
+        if ok:
+            return name
+    return None

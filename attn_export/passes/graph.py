@@ -1,0 +1,109 @@
+"""A read-only index over an ONNX graph (producers, consumers, static tensors) and the graph edits passes make."""
+from __future__ import annotations
+
+from collections import deque
+
+import onnx
+
+# ops whose output is known before the data is: shapes, and anything computed only from shapes and constants
+SHAPE_OPS = {"Shape", "Size"}
+RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+class GraphIndex:
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.nodes = list(self.graph.node)
+        self.position = {id(n): i for i, n in enumerate(self.nodes)}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.nodes:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for inp in node.input:
+                if inp:
+                    self.consumers.setdefault(inp, []).append(node)
+        self.initializers = {t.name: t for t in self.graph.initializer}
+        self.graph_inputs = {i.name for i in self.graph.input} - set(self.initializers)
+        self.graph_outputs = {o.name for o in self.graph.output}
+        self.static = self._static_tensors()
+
+    def _static_tensors(self) -> set[str]:
+        static = set(self.initializers)
+        for node in self.nodes:  # nodes are topologically sorted in a valid model
+            inputs = [i for i in node.input if i]
+            if node.op_type in SHAPE_OPS or (node.op_type not in RANDOM_OPS and all(i in static for i in inputs)):
+                static.update(o for o in node.output if o)
+        return static
+
+    def is_static(self, name: str) -> bool:
+        return name in self.static
+
+    def dynamic_inputs(self, node: onnx.NodeProto) -> list[str]:
+        return [i for i in node.input if i and i not in self.static]
+
+    def ancestors(self, tensor: str, stop: set[str]) -> list[onnx.NodeProto]:
+        """Nodes the tensor depends on, not looking past `stop` tensors."""
+        seen, order, todo = set(), [], deque([tensor])
+        while todo:
+            t = todo.popleft()
+            node = self.producer.get(t)
+            if t in stop or node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            order.append(node)
+            todo.extend(i for i in node.input if i)
+        return order
+
+    def descendants(self, tensors: set[str]) -> list[onnx.NodeProto]:
+        seen, order, todo = set(), [], deque(tensors)
+        while todo:
+            for node in self.consumers.get(todo.popleft(), []):
+                if id(node) not in seen:
+                    seen.add(id(node))
+                    order.append(node)
+                    todo.extend(o for o in node.output if o)
+        return sorted(order, key=lambda n: self.position[id(n)])
+
+
+def topological_sort(graph: onnx.GraphProto) -> None:
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ValueError("graph has a cycle or a dangling input")
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+        for n in ready:
+            available.update(n.output)
+        ordered.extend(ready)
+    copies = [onnx.NodeProto() for _ in ordered]
+    for copy, node in zip(copies, ordered):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+def remove_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Drop nodes whose outputs nobody reads, and initializers nobody reads."""
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        keep = [n for n in graph.node if any(o in used for o in n.output)]
+        if len(keep) == len(graph.node):
+            break
+        copies = [onnx.NodeProto() for _ in keep]
+        for copy, node in zip(copies, keep):
+            copy.CopyFrom(node)
+        del graph.node[:]
+        graph.node.extend(copies)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name in used]
+    if len(kept) != len(graph.initializer):
+        copies = [onnx.TensorProto() for _ in kept]
+        for copy, t in zip(copies, kept):
+            copy.CopyFrom(t)
+        del graph.initializer[:]
+        graph.initializer.extend(copies)

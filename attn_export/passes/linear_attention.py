@@ -1,0 +1,98 @@
+"""Fuse kernelized linear attention with positive random features (Performer FAVOR+) into LinearAttention.
+
+Anchor: a product of (scaled) queries or keys with a constant [D, M] feature matrix that feeds an Exp. The two
+such products of one layer (queries and keys, same matrix) bound the layer; causal or not, normalised or not and
+the stabiliser are settled by the numerical check against the op's reference."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from ..ops import LINEAR_ATTENTION
+from .framework import (Match, NotFused, check_no_escape, constant, find_output, region, scalar_value,
+                        verify_numerically, walk_to_boundary)
+from .graph import GraphIndex
+from .probe import Probe
+
+OP = LINEAR_ATTENTION
+EPS_CANDIDATES = (1e-6, 1e-4, 1e-3)
+
+
+def _feeds_exp(index: GraphIndex, tensor: str, depth: int = 4) -> bool:
+    frontier = [tensor]
+    for _ in range(depth):
+        users = [u for t in frontier for u in index.consumers.get(t, [])]
+        if any(u.op_type == "Exp" for u in users):
+            return True
+        frontier = [o for u in users for o in u.output]
+    return False
+
+
+def feature_products(index: GraphIndex, probe: Probe):
+    """MatMul(x, W) with W a static 2-D matrix and x data, feeding an Exp: one per query/key feature map."""
+    found = []
+    for node in index.nodes:
+        if node.op_type != "MatMul" or not index.is_static(node.input[1]) or index.is_static(node.input[0]):
+            continue
+        w = probe.runs[0].get(node.input[1])
+        if w is not None and np.ndim(w) == 2 and _feeds_exp(index, node.output[0]):
+            found.append(node)
+    return found
+
+
+def candidates(index: GraphIndex, probe: Probe):
+    """Pairs of feature products sharing one feature matrix (by value), in graph order."""
+    products = feature_products(index, probe)
+    used = set()
+    for a, b in itertools.combinations(products, 2):
+        if id(a) in used or id(b) in used:
+            continue
+        wa, wb = probe.runs[0][a.input[1]], probe.runs[0][b.input[1]]
+        if wa.shape == wb.shape and np.array_equal(wa, wb):
+            used.update((id(a), id(b)))
+            yield (a, b)
+
+
+def match(index: GraphIndex, probe: Probe, pair, name: str) -> Match:
+    a, b = pair
+    (qa, fa, _), (qb, fb, _) = (walk_to_boundary(index, probe, n.input[0]) for n in pair)
+    if qa == qb:
+        raise NotFused("queries and keys are the same tensor")
+    x_shape = probe.shape(a.input[0])
+    if x_shape is None or len(x_shape) != 4:
+        raise NotFused(f"feature-map input has shape {x_shape}, expected [B, H, N, D]")
+    heads, head_dim = x_shape[1], x_shape[3]
+    if probe.shape(qa) is None or len(probe.shape(qa)) != 3 or probe.shape(qa)[2] != heads * head_dim:
+        raise NotFused(f"query {probe.shape(qa)} is not [B, N, {heads}*{head_dim}] (mismatched head count?)")
+    output = find_output(index, probe, [a.output[0], b.output[0]], like=qa)
+    if output is None:
+        raise NotFused("no [B, N, H*D] output where the heads merge back")
+    nodes, outside = region(index, [qa, qb], output)
+    values = {walk_to_boundary(index, probe, t)[0] for t in outside}
+    if len(values) != 1:
+        raise NotFused(f"expected one value tensor outside q and k, found {len(values)}")
+    v = values.pop()
+    nodes, outside = region(index, [qa, qb, v], output)
+    if outside:
+        raise NotFused(f"the attention also reads data-dependent tensor '{outside[0]}'")
+    check_no_escape(index, nodes, output)
+
+    w = probe.runs[0][a.input[1]]  # x @ W with W [D, M]; the op takes the projection as [M, D]
+    if w.shape[0] != head_dim:
+        raise NotFused(f"feature matrix {w.shape} does not match head dim {head_dim}")
+    projection = np.ascontiguousarray(w.T.astype(np.float32))
+    region_scalars = {scalar_value(index, probe, i) for n in nodes for i in n.input}
+    eps_values = sorted({e for e in region_scalars if e is not None and 0 < e <= 1e-2} | set(EPS_CANDIDATES))
+    why = "no candidate tried"
+    for (q, q_factor), (k, k_factor) in (((qa, fa), (qb, fb)), ((qb, fb), (qa, fa))):
+        if not np.isclose(q_factor, k_factor):
+            continue
+        for causal, normalize, eps in itertools.product((0, 1), (1, 0), eps_values):
+            attrs = {"num_heads": heads, "feature_map": "favor_positive", "causal": causal, "normalize": normalize,
+                     "scale": float(q_factor) ** 2, "eps": float(eps)}
+            why = verify_numerically(OP, probe, [q, k, v, lambda run: projection], output, attrs)
+            if not why:
+                init = constant(f"{name}/projection", projection)
+                return Match(OP, name, [q, k, v, init.name], output, attrs, nodes, [init])
+    raise NotFused(f"the op's reference does not reproduce the graph: {why}")

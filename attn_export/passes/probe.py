@@ -1,0 +1,95 @@
+"""Run a graph on onnxruntime at two or more valid input shapes and keep every intermediate tensor.
+
+Passes read shapes and values from these runs: a matched subgraph is verified against the op's reference on the
+very tensors the graph computes, and layouts are read off the values of static tensors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..errors import UserError
+from ..export import PROBE_SHAPES_KEY, get_metadata
+from ..ops.functions import with_function_bodies
+
+DEFAULT_PROBE_LENGTHS = (128, 256)
+
+
+def probe_shapes(model: onnx.ModelProto) -> list[dict[str, list[int]]]:
+    """Shapes recorded at export, else symbolic axes set to 1 or 2 (axis 0) and 128 or 256 (other axes)."""
+    recorded = get_metadata(model, PROBE_SHAPES_KEY)
+    if recorded:
+        return json.loads(recorded)
+    inits = {t.name for t in model.graph.initializer}
+    shapes = []
+    for batch, length in zip((2, 1), DEFAULT_PROBE_LENGTHS):
+        shape_set = {}
+        for inp in model.graph.input:
+            if inp.name in inits:
+                continue
+            dims = inp.type.tensor_type.shape.dim
+            shape_set[inp.name] = [d.dim_value if d.HasField("dim_value") else (batch if i == 0 else length)
+                                   for i, d in enumerate(dims)]
+        shapes.append(shape_set)
+    return shapes
+
+
+def random_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]], seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    inits = {t.name for t in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        dtype = helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+        shape = shapes[inp.name]
+        if np.issubdtype(dtype, np.integer):
+            feeds[inp.name] = rng.integers(0, 2, size=shape).astype(dtype)  # small ids are valid for any vocabulary
+        elif dtype == np.bool_:
+            feeds[inp.name] = np.ones(shape, dtype=bool)
+        else:
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def run_all_tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    probe = with_function_bodies(model)
+    known = {o.name for o in probe.graph.output}
+    for node in probe.graph.node:
+        for out in node.output:
+            if out and out not in known:
+                probe.graph.output.append(onnx.ValueInfoProto(name=out))
+                known.add(out)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(names, feeds)))
+    values.update(feeds)
+    for init in model.graph.initializer:
+        values[init.name] = onnx.numpy_helper.to_array(init)
+    return values
+
+
+class Probe:
+    """Values of every tensor at each probe shape set."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.shapes = probe_shapes(model)
+        self.feeds = [random_inputs(model, s, seed=i) for i, s in enumerate(self.shapes)]
+        try:
+            self.runs = [run_all_tensors(model, f) for f in self.feeds]
+        except Exception as e:
+            raise UserError(f"cannot run the graph on onnxruntime to verify fusions: {str(e).splitlines()[0]}") from None
+
+    def shape(self, name: str, run: int = 0) -> tuple | None:
+        value = self.runs[run].get(name)
+        return None if value is None else tuple(np.shape(value))
+
+    def same_shape_in_all(self, a: str, b: str) -> bool:
+        return all(self.shape(a, r) is not None and self.shape(a, r) == self.shape(b, r) for r in range(len(self.runs)))

@@ -1,0 +1,93 @@
+"""Find softmax attention cores: MatMul(q, k^T) -> [scale, mask] -> Softmax(last axis) -> [NaN guard] -> MatMul(p, v)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from .framework import scalar_value
+from .graph import GraphIndex
+from .probe import Probe
+
+SCORE_OPS = {"Where", "Add", "Sub", "Mul", "Div", "Cast"}
+GUARD_OPS = {"Where", "Cast", "IsNaN", "Not"}
+
+
+@dataclass
+class SoftmaxCore:
+    softmax: onnx.NodeProto
+    qk: onnx.NodeProto  # MatMul(q_side, kT_side)
+    pv: onnx.NodeProto  # MatMul(probs, v_side)
+    probs: str  # softmax output
+    score_scale: float  # scalar factors between the QK product and the softmax
+    masked: bool  # a Where/Add on the scores (mask or bias)
+
+    @property
+    def q_side(self):
+        return self.qk.input[0]
+
+    @property
+    def kt_side(self):
+        return self.qk.input[1]
+
+    @property
+    def v_side(self):
+        return self.pv.input[1]
+
+
+def softmax_axis_is_last(node: onnx.NodeProto, probe: Probe) -> bool:
+    axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+    rank = len(probe.shape(node.input[0]) or ())
+    return axis == -1 or axis == rank - 1
+
+
+def find_core(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto) -> SoftmaxCore | str:
+    """The core around a Softmax node, or a string saying why this Softmax is not one."""
+    if not softmax_axis_is_last(softmax, probe):
+        return "softmax is not over the last (key) axis"
+    scale, masked, tensor = 1.0, False, softmax.input[0]
+    while True:
+        node = index.producer.get(tensor)
+        if node is None:
+            return "no QK^T product feeds the softmax"
+        if node.op_type == "MatMul":
+            break
+        if node.op_type not in SCORE_OPS:
+            return f"unexpected {node.op_type} between QK^T and softmax"
+        dynamic = index.dynamic_inputs(node)
+        if len(dynamic) != 1:
+            return f"{node.op_type} between QK^T and softmax mixes two data-dependent tensors"
+        if node.op_type in ("Mul", "Div"):
+            other = [i for i in node.input if i != dynamic[0]][0]
+            value = scalar_value(index, probe, other)
+            if value is None:  # a per-element product: a bias-like term we cannot fold into a scale
+                return f"scores are multiplied by a non-scalar tensor ({node.op_type} '{node.name}')"
+            if node.op_type == "Div" and node.input[0] != dynamic[0]:
+                return "scores divide a constant"
+            scale *= value if node.op_type == "Mul" else 1.0 / value
+        elif node.op_type in ("Where", "Add", "Sub"):
+            if node.op_type == "Sub" and node.input[0] != dynamic[0]:
+                return "scores are subtracted from a constant"
+            masked = True
+        tensor = dynamic[0]
+    qk = node
+    probs, pv = softmax.output[0], None
+    frontier = [probs]
+    for _ in range(4):  # follow the NaN guard of fully masked rows to the product with V
+        nxt = []
+        for t in frontier:
+            for user in index.consumers.get(t, []):
+                if user.op_type == "MatMul" and user.input[0] == t:
+                    pv = user
+                elif user.op_type in GUARD_OPS:
+                    nxt.extend(user.output)
+        if pv is not None or not nxt:
+            break
+        frontier = nxt
+    if pv is None:
+        return "softmax output does not feed a product with V"
+    return SoftmaxCore(softmax, qk, pv, probs, scale, masked)
+
+
+def softmax_nodes(index: GraphIndex):
+    return [n for n in index.nodes if n.op_type == "Softmax"]
