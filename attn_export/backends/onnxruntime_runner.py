@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..errors import UserError
+from ..ops.functions import with_function_bodies
+from .base import Runner
+
+
+class OnnxRuntimeRunner(Runner):
+    """Runs a graph on onnxruntime; custom nodes run through their decompositions, attached in memory."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model: onnx.ModelProto, label: str, providers: list[str] | None = None):
+        super().__init__(label)
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(with_function_bodies(model).SerializeToString(), options,
+                                                providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:
+            raise UserError(f"{label}: onnxruntime cannot load the graph ({str(e).splitlines()[0]})") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise UserError(f"{self.label}: no value for graph input(s) {', '.join(missing)}")
+        try:
+            outputs = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names})
+        except Exception as e:
+            raise UserError(f"{self.label}: onnxruntime failed ({str(e).splitlines()[0]})") from None
+        return dict(zip(self.output_names, outputs))

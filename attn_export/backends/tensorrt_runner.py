@@ -1,0 +1,320 @@
+"""The TensorRT backend: build an engine from a fused ONNX model with our plugin library, and run it.
+
+TensorRT is an optional extra that cannot be installed on every machine, so `tensorrt` is imported only inside
+the functions that need it; without it every entry point raises one UserError line saying why. The code
+targets the TensorRT 10.3 Python API (JetPack 6.1/6.2, the oldest release with IPluginV3) and newer.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from attn_export.atomic import write_bytes, write_json
+from attn_export.errors import UserError
+
+PLUGIN_LIB_ENV = "ATTN_EXPORT_PLUGIN_LIB"
+PLUGIN_LIB_NAME = "libattn_export_plugins.so"
+MIN_VERSION = (10, 3)
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+# where a CMake build of plugins_trt/ leaves the library, relative to the repository root
+_PLUGIN_BUILD_PATHS = (Path("plugins_trt/build") / PLUGIN_LIB_NAME, Path("build/plugins_trt") / PLUGIN_LIB_NAME)
+NOT_INSTALLED = "TensorRT is not installed (pip install 'attn-export[gpu]' on a machine with an NVIDIA GPU)"
+
+# Plugin libraries already loaded in this process: loadLibrary fails when a library's creators are registered
+# a second time, and the handle must stay alive while engines use the plugins.
+_loaded_plugin_libraries: dict[Path, object] = {}
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def tensorrt_status() -> tuple[bool, str]:
+    """(True, "TensorRT 10.x.y") when engines can be built here, else (False, one-line reason)."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return False, NOT_INSTALLED
+    except Exception as e:  # e.g. the wheel is there but libnvinfer cannot be loaded
+        return False, _one_line(f"TensorRT cannot be imported: {e}")
+    version = getattr(trt, "__version__", "unknown")
+    try:
+        major_minor = tuple(int(p) for p in version.split(".")[:2])
+    except ValueError:
+        major_minor = (0, 0)
+    if major_minor < MIN_VERSION:
+        return False, f"TensorRT {version} is too old: attn-export needs 10.3 or newer (IPluginV3 plugins)"
+    try:
+        import torch
+        gpu = torch.cuda.is_available()
+    except Exception:
+        gpu = False
+    if not gpu:
+        return False, f"TensorRT {version} is installed but torch sees no CUDA GPU (a CUDA build of torch and an NVIDIA GPU are needed)"
+    return True, f"TensorRT {version}"
+
+
+def _require_tensorrt():
+    ok, reason = tensorrt_status()
+    if not ok:
+        raise UserError(reason)
+    import tensorrt as trt
+
+    return trt
+
+
+def find_plugin_library() -> Path | None:
+    """The plugin library: $ATTN_EXPORT_PLUGIN_LIB if set, else a CMake build inside this checkout, else None."""
+    env = os.environ.get(PLUGIN_LIB_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise UserError(f"{PLUGIN_LIB_ENV}={env}: no such file")
+        return path.resolve()
+    for relative in _PLUGIN_BUILD_PATHS:
+        candidate = _REPO_ROOT / relative
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load_plugin_library(trt, library: Path) -> None:
+    library = Path(library).resolve()
+    if library in _loaded_plugin_libraries:
+        return
+    if not library.is_file():
+        raise UserError(f"{library}: plugin library not found")
+    # load_library (IPluginRegistry::loadLibrary) calls the library's getCreators and setLoggerFinder
+    handle = trt.get_plugin_registry().load_library(str(library))
+    if handle is None:
+        raise UserError(f"{library}: TensorRT could not load the plugin library "
+                        "(it must export getCreators and setLoggerFinder, and its plugins must not be registered yet)")
+    _loaded_plugin_libraries[library] = handle
+
+
+def _make_logger(trt):
+    """A logger that prints warnings as TensorRT's does and keeps errors, so a failure can quote them."""
+
+    class CollectingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            errors = (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR)
+            if severity in errors:
+                self.errors.append(_one_line(msg))
+            if severity in errors or severity == trt.ILogger.Severity.WARNING:
+                print(f"[TensorRT] {msg}", file=sys.stderr, flush=True)
+
+    return CollectingLogger()
+
+
+def _parser_errors(parser) -> str:
+    messages = []
+    for i in range(parser.num_errors):
+        error = parser.get_error(i)
+        where = []
+        node_name = getattr(error, "node_name", None)
+        operator = getattr(error, "node_operator", None)
+        if node_name and node_name():
+            where.append(f"node {node_name()}")
+        elif error.node() >= 0:
+            where.append(f"node #{error.node()}")
+        if operator and operator():
+            where.append(f"({operator()})")
+        messages.append(" ".join(where + [error.desc()]))
+    return _one_line("; ".join(messages))
+
+
+def _check_profiles(network, profiles) -> None:
+    """Every dynamic input needs a min/opt/max shape in every profile, of the right rank and ordered."""
+    dynamic = {}
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        if any(d < 0 for d in tensor.shape):
+            dynamic[tensor.name] = tuple(tensor.shape)
+    if dynamic and not profiles:
+        raise UserError(f"the model has dynamic inputs ({', '.join(dynamic)}) but no optimization profile was given")
+    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+    for index, profile in enumerate(profiles):
+        for name in dynamic:
+            if name not in profile:
+                raise UserError(f"optimization profile {index} has no shape for dynamic input '{name}'")
+        for name, (lo, opt, hi) in profile.items():
+            if name not in inputs:
+                raise UserError(f"optimization profile {index} names '{name}', which is not a model input "
+                                f"(inputs: {', '.join(inputs)})")
+            rank = len(inputs[name])
+            if not len(lo) == len(opt) == len(hi) == rank:
+                raise UserError(f"optimization profile {index}: '{name}' needs rank-{rank} shapes, "
+                                f"got {lo}, {opt}, {hi}")
+            if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
+                raise UserError(f"optimization profile {index}: '{name}' needs min <= opt <= max, "
+                                f"got {lo}, {opt}, {hi}")
+
+
+def _cuda_driver_version() -> str | None:
+    """The driver's CUDA version via libcuda's cuDriverGetVersion (torch does not expose it), if readable."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+        version = ctypes.c_int()
+        if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None
+        return f"{version.value // 1000}.{version.value % 1000 // 10}"
+    except (OSError, AttributeError):
+        return None
+
+
+def _environment() -> dict:
+    info: dict = {"cuda_runtime": None, "cuda_driver": _cuda_driver_version(), "gpu": None, "compute_capability": None}
+    try:
+        import torch
+
+        info["cuda_runtime"] = torch.version.cuda
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            info["gpu"] = torch.cuda.get_device_name()
+            info["compute_capability"] = f"{major}.{minor}"
+    except Exception:
+        pass
+    return info
+
+
+def build_engine(
+    fused_onnx: Path,
+    engine_path: Path,
+    *,
+    plugin_library: Path | None,
+    profiles: list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]],
+    fp16: bool = False,
+    workspace_mb: int = 4096,
+) -> Path:
+    """Parse the fused ONNX model (plugins from `plugin_library`), build a serialized engine with one
+    optimization profile per dict {input: (min, opt, max)}, and write it plus a JSON manifest beside it."""
+    trt = _require_tensorrt()
+    fused_onnx, engine_path = Path(fused_onnx), Path(engine_path)
+    if plugin_library is not None:
+        _load_plugin_library(trt, plugin_library)
+
+    logger = _make_logger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    # 10.15+: let a registered plugin win over a builtin op or a local function of the same name
+    override = getattr(getattr(trt, "OnnxParserFlag", None), "ENABLE_PLUGIN_OVERRIDE", None)
+    if override is not None:
+        parser.set_flag(override)
+    if not parser.parse_from_file(str(fused_onnx)):
+        hint = "" if plugin_library else " (no plugin library loaded: build plugins_trt or set ATTN_EXPORT_PLUGIN_LIB)"
+        raise UserError(f"{fused_onnx}: TensorRT could not parse the model: {_parser_errors(parser)}{hint}")
+
+    _check_profiles(network, profiles)
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb * (1 << 20))
+    if fp16:
+        # TensorRT 11 is strongly typed and has no FP16 flag: precision then comes from the ONNX dtypes
+        if not hasattr(trt.BuilderFlag, "FP16"):
+            raise UserError(f"TensorRT {trt.__version__} has no FP16 builder flag: export an FP16 ONNX model instead")
+        config.set_flag(trt.BuilderFlag.FP16)
+    for shapes in profiles:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
+        config.add_optimization_profile(profile)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        detail = "; ".join(logger.errors[-3:]) or "see the TensorRT log above"
+        raise UserError(f"{fused_onnx}: TensorRT failed to build the engine: {detail}")
+
+    write_bytes(engine_path, bytes(memoryview(serialized)))
+    write_json(engine_path.with_suffix(".json"), {
+        "engine": engine_path.name,
+        "onnx": str(fused_onnx),
+        "tensorrt_version": trt.__version__,
+        **_environment(),
+        "plugin_library": str(plugin_library) if plugin_library else None,
+        "fp16": fp16,
+        "workspace_mb": workspace_mb,
+        "profiles": [{name: {"min": list(lo), "opt": list(opt), "max": list(hi)}
+                      for name, (lo, opt, hi) in shapes.items()} for shapes in profiles],
+    })
+    return engine_path
+
+
+def _torch_dtype(trt, data_type):
+    import torch
+
+    table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
+             "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8}
+    for name, dtype in table.items():
+        if getattr(trt.DataType, name, None) == data_type:
+            return dtype
+    raise UserError(f"TensorRT tensor type {data_type} is not supported by the runner")
+
+
+class TensorRTRunner:
+    """Runs a serialized engine on the current CUDA device, with torch tensors as device buffers."""
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path: Path, plugin_library: Path | None = None, profile_index: int = 0):
+        trt = _require_tensorrt()
+        import torch
+
+        self._trt = trt
+        self.engine_path = Path(engine_path)
+        if plugin_library is not None:
+            _load_plugin_library(trt, plugin_library)  # the plugins must be registered before deserializing
+        self._logger = _make_logger(trt)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        if self.engine is None:
+            raise UserError(f"{self.engine_path}: TensorRT could not deserialize the engine (built by another "
+                            "TensorRT version or for another GPU, or its plugin library is not loaded)")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if profile_index:
+            self.context.set_optimization_profile_async(profile_index, self.stream.cuda_stream)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise UserError(f"{self.engine_path}: missing input(s) {', '.join(missing)}")
+        # Keep every device tensor referenced until the stream is synchronized.
+        buffers: dict[str, torch.Tensor] = {}
+        for name in self.input_names:
+            dtype = _torch_dtype(self._trt, self.engine.get_tensor_dtype(name))
+            tensor = torch.from_numpy(np.ascontiguousarray(inputs[name])).to(device="cuda", dtype=dtype)
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                raise UserError(f"{self.engine_path}: input '{name}' shape {tuple(tensor.shape)} is outside the "
+                                "engine's optimization profile")
+            self.context.set_tensor_address(name, tensor.data_ptr())
+            buffers[name] = tensor
+        for name in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(name))  # known once every input shape is set
+            if any(d < 0 for d in shape):
+                raise UserError(f"{self.engine_path}: output '{name}' has a data-dependent shape {shape}")
+            dtype = _torch_dtype(self._trt, self.engine.get_tensor_dtype(name))
+            buffers[name] = torch.empty(shape, dtype=dtype, device="cuda")
+            self.context.set_tensor_address(name, buffers[name].data_ptr())
+
+        # the input copies ran on torch's current stream; the engine runs on ours
+        self.stream.wait_stream(torch.cuda.current_stream())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            detail = "; ".join(self._logger.errors[-3:])
+            raise UserError(_one_line(f"{self.engine_path}: TensorRT execution failed {detail}"))
+        self.stream.synchronize()
+        # numpy has no bfloat16: such outputs come back as float32
+        return {name: (buffers[name].float() if buffers[name].dtype == torch.bfloat16 else buffers[name]).cpu().numpy()
+                for name in self.output_names}

@@ -1,0 +1,245 @@
+"""attn-export command line: a thin layer over attn_export.api. User errors print one line and exit 2."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+
+DEFAULT_SEQ_LEN = 1024
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="attn-export")
+def cli():
+    """Export efficient-attention transformers to ONNX, fuse their attention into custom ops, check parity
+    against PyTorch, and build TensorRT engines where TensorRT exists.
+
+    \b
+    Typical use:
+      attn-export zoo create bigbird -o model.pt
+      attn-export build model.pt -o out/
+    """
+
+
+# ---------------------------------------------------------------------------------------------------- zoo
+@cli.group()
+def zoo():
+    """The reference models (one per seed mechanism)."""
+
+
+@zoo.command("list")
+def zoo_list():
+    """List the architectures with their paper, attention complexity and export constraints."""
+    from rich.table import Table
+
+    import models
+    from .report import console
+
+    table = Table(title="attn-export zoo", title_justify="left", show_lines=True)
+    for column in ("name", "paper", "attention complexity", "export constraints"):
+        table.add_column(column)
+    for name in sorted(models.ZOO):
+        e = models.ZOO[name]
+        table.add_row(name, e.paper, e.complexity, e.constraints)
+    console.print(table)
+
+
+@zoo.command("create")
+@click.argument("name")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Checkpoint to write (a plain dict: format tag, architecture, config, weights).")
+@click.option("--seq-len", type=int, default=DEFAULT_SEQ_LEN, show_default=True,
+              help="Example sequence length stored with the checkpoint.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Example batch size.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config field, e.g. --set num_layers=4 (repeatable).")
+def zoo_create(name, output, seq_len, batch, overrides):
+    """Create a randomly initialised (seeded) zoo model and save it as a checkpoint."""
+    import torch
+
+    import models
+    from .loading import save_zoo_checkpoint
+
+    entry = models.get(name)
+    config = entry.make_config(_parse_overrides(overrides))
+    entry.check_seq_len(config, seq_len)
+    if batch < 1:
+        raise UserError(f"--batch must be at least 1, got {batch}")
+    torch.manual_seed(getattr(config, "seed", 0))
+    module = entry.build(config)
+    save_zoo_checkpoint(output, name, config, module.state_dict(), batch=batch, seq_len=seq_len)
+    click.echo(f"wrote {output} ({name}, {sum(p.numel() for p in module.parameters()):,} parameters)")
+
+
+def _parse_overrides(pairs) -> dict[str, str]:
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set expects KEY=VALUE, got '{pair}'")
+        values[key.strip()] = value.strip()
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------- export
+EXPORTER = click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo",
+                        show_default=True, help="torch.onnx exporter.")
+STATIC = click.option("--static", is_flag=True, help="Fix every axis to the example shape (no dynamic axes).")
+
+
+@cli.command("export")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="ONNX file to write.")
+@EXPORTER
+@STATIC
+def export_cmd(model, output, exporter, static):
+    """Export MODEL (a zoo checkpoint or a torch.export .pt2) to a reference ONNX graph of standard ops."""
+    from . import api
+    from .loading import load_model
+
+    loaded = load_model(model)
+    graph = api.export(loaded.module, loaded.example_inputs(), output, exporter=exporter,
+                       dynamic_axes=None if static else loaded.dynamic_axes,
+                       probe_shapes=_probe_shapes(loaded, static))
+    click.echo(f"wrote {output} ({len(graph.graph.node)} nodes, {exporter} exporter)")
+
+
+def _probe_shapes(loaded, static: bool):
+    lengths = [None] if static else loaded.parity_seq_lens()
+    return [{n: list(t.shape) for n, t in loaded.example_inputs(seq_len=n).items()} for n in lengths]
+
+
+# ---------------------------------------------------------------------------------------------------- fuse
+@cli.command("fuse")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Fused ONNX file to write.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the fusion report as JSON.")
+@click.option("--strict", is_flag=True, help="Exit 1 when any attention layer is not fused.")
+def fuse_cmd(model, output, report_path, strict):
+    """Fuse the attention of any ONNX graph into attn-export custom ops and report every attention layer."""
+    from . import api
+    from .atomic import write_json
+    from .report import console, fusion_table
+
+    _, report = api.fuse(model, output)
+    console.print(fusion_table(report))
+    if report_path:
+        write_json(report_path, report.as_dict())
+    click.echo(f"wrote {output}")
+    if strict and not report.all_fused:
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------------- check
+@cli.command("check")
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--onnx", "graphs", multiple=True, type=click.Path(path_type=Path),
+              help="A graph to check against the torch model (repeatable).")
+@click.option("--atol", type=float, help="Absolute tolerance (default: by dtype, 1e-4 for float32).")
+@click.option("--rtol", type=float, help="Relative tolerance (default: by dtype, 1e-3 for float32).")
+@click.option("--seq-len", "seq_lens", multiple=True, type=int,
+              help="Sequence length(s) to check at (default: the model's parity lengths).")
+def check_cmd(models, graphs, atol, rtol, seq_lens):
+    """Compare outputs: a torch model against each --onnx graph, or ONNX graphs against the first one.
+
+    \b
+      attn-export check model.pt --onnx model.onnx --onnx model.fused.onnx
+      attn-export check a.onnx b.onnx
+    An element fails when both its absolute and relative errors exceed the tolerances. Exit 1 on failure.
+    """
+    from . import api
+    from .backends import OnnxRuntimeRunner, TorchRunner
+    from .export import load_onnx
+    from .passes.probe import probe_shapes, random_inputs
+    from .report import console, parity_table
+
+    if models[0].suffix in (".pt", ".pt2"):
+        if len(models) > 1:
+            raise UserError("give one torch model; pass graphs with --onnx")
+        if not graphs:
+            raise UserError("nothing to compare: pass one or more graphs with --onnx")
+        from .loading import load_model
+
+        loaded = load_model(models[0])
+        lengths = list(seq_lens) or (loaded.parity_seq_lens() if loaded.dynamic_axes else [None])
+        feeds = [(f"seq_len={n or loaded.example_seq_len}", {k: v.numpy() for k, v in loaded.example_inputs(seq_len=n).items()})
+                 for n in lengths]
+        reference = TorchRunner(loaded.module, str(models[0]), loaded.input_names)
+        candidates = [OnnxRuntimeRunner(load_onnx(g), str(g)) for g in graphs]
+    else:
+        if len(models) + len(graphs) < 2:
+            raise UserError("give two or more ONNX graphs to compare")
+        paths = list(models) + list(graphs)
+        first = load_onnx(paths[0])
+        reference = OnnxRuntimeRunner(first, str(paths[0]))
+        candidates = [OnnxRuntimeRunner(load_onnx(p), str(p)) for p in paths[1:]]
+        shape_sets = probe_shapes(first)
+        if seq_lens:
+            shape_sets = [{k: [s[0], n, *s[2:]] if len(s) > 1 else s for k, s in shape_sets[0].items()} for n in seq_lens]
+        feeds = [("random " + ",".join(f"{k}={'x'.join(map(str, s))}" for k, s in shapes.items()),
+                  random_inputs(first, shapes, seed=i)) for i, shapes in enumerate(shape_sets)]
+    results = api.check(reference, candidates, feeds, atol=atol, rtol=rtol)
+    console.print(parity_table(results))
+    if not all(r.passed for r in results):
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------------- build
+@cli.command("build")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("out"),
+              show_default=True, help="Folder for model.onnx, model.fused.onnx, report.json (and model.plan).")
+@EXPORTER
+@STATIC
+@click.option("--atol", type=float, help="Absolute parity tolerance (default: by dtype).")
+@click.option("--rtol", type=float, help="Relative parity tolerance (default: by dtype).")
+@click.option("--strict", is_flag=True, help="Exit 1 when any attention layer is not fused or any parity check fails.")
+@click.option("--no-engine", is_flag=True, help="Skip the TensorRT engine even where TensorRT exists.")
+def build_cmd(model, out_dir, exporter, static, atol, rtol, strict, no_engine):
+    """Export, fuse, check parity and (where TensorRT exists) build an engine, all in one go."""
+    from . import api
+    from .loading import load_model
+    from .report import console, fusion_table, parity_table
+
+    loaded = load_model(model)
+    lengths = [None] if static else loaded.parity_seq_lens()
+    parity_inputs = [(f"seq_len={n or loaded.example_seq_len}", loaded.example_inputs(seq_len=n)) for n in lengths]
+    with console.status("building") as status:
+        result = api.build(loaded.module, loaded.example_inputs(), out_dir,
+                           dynamic_axes=None if static else loaded.dynamic_axes, parity_inputs=parity_inputs,
+                           exporter=exporter, atol=atol, rtol=rtol, engine=not no_engine,
+                           progress=lambda message: status.update(message))
+    console.print(fusion_table(result.fusion))
+    console.print(parity_table(result.parity))
+    engine = result.engine
+    click.echo(f"engine: {engine['path']}" if engine["path"] else f"engine: not built: {engine['reason']}")
+    click.echo(f"wrote {out_dir / 'model.onnx'}, {out_dir / 'model.fused.onnx'}, {out_dir / 'report.json'}")
+    if strict and not result.ok:
+        sys.exit(1)
+
+
+def main(argv=None):
+    try:
+        cli.main(args=argv, prog_name="attn-export", standalone_mode=False)
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
