@@ -67,6 +67,9 @@ def _seeded(seed: int = EXAMPLE_SEED):
 
 @dataclass
 class LoadedModel:
+    """A model ready to export and run. Call `module(*inputs.values())` with inputs from example_inputs():
+    positions follow input_names (a torch.export program's module takes its inputs by position only)."""
+
     module: torch.nn.Module  # in eval mode
     arch: str  # zoo name, or "torch.export"
     config: Any | None  # the zoo config dataclass
@@ -146,26 +149,30 @@ def _load(path: Path) -> LoadedModel:
 
 
 def _parses_as_pickle(path: Path) -> bool:
-    """Whether the file starts with a well-formed pickle; pickletools only reads opcodes, it runs nothing."""
+    """Whether the file (or, in a torch.save zip, its data.pkl) starts with a well-formed pickle.
+    pickletools only reads opcodes; it runs nothing."""
     try:
-        with path.open("rb") as f:
-            for _ in pickletools.genops(f):
-                pass
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+                stream = io.BytesIO(archive.read(name))
+        else:
+            stream = io.BytesIO(path.read_bytes())
+        for _ in pickletools.genops(stream):
+            pass
         return True
     except Exception:
         return False
 
 
-def _torch_load_weights_only(source) -> Any:
+def _torch_load_weights_only(path: Path) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. the pickle-protocol notice for plain pickles
-            return torch.load(source, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # weights_only wraps every refusal this way; a bad opcode means damage rather than a foreign object
-        if "Unsupported operand" in str(e):
-            raise _LoadError("truncated or corrupt checkpoint") from None
-        raise _LoadError(REFUSED_PICKLE) from None
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # weights_only reports every refusal this way, damage included: a well-formed pickle means refusal
+        raise _LoadError(REFUSED_PICKLE if _parses_as_pickle(path) else "truncated or corrupt checkpoint") from None
     except Exception as e:  # torch reports damage as RuntimeError, EOFError, KeyError, ValueError, ...
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise _LoadError(f"truncated or corrupt checkpoint ({first_line[:160]})") from None
@@ -318,6 +325,9 @@ _ALLOWED_FUNCTIONS = frozenset(f for f in (
                                                      "sym_ite", "sym_sqrt", "sym_sum")),
 ) if f is not None)
 
+_ALLOWED_FUNCTION_NAMES = frozenset(f"{f.__module__}.{f.__name__}" for f in _ALLOWED_FUNCTIONS)
+_OP_NAME = re.compile(r"(?!.*__)torch\.ops\.[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
+
 
 def _refuse(what: str) -> _LoadError:
     return _LoadError(f"refusing to load: {what}; attn-export reads only plain torch.export programs "
@@ -360,12 +370,20 @@ def _vet_program_json(node) -> None:
         for key, value in node.items():
             if key == "expr_str":
                 _vet_sym_expr(value)
+            elif key == "as_operator" or (key == "target" and "inputs" in node and "outputs" in node):
+                _vet_target_name(value)
             elif key in ("in_spec", "out_spec") and isinstance(value, str):
                 _vet_treespec(value)
             _vet_program_json(value)
     elif isinstance(node, list):
         for value in node:
             _vet_program_json(value)
+
+
+def _vet_target_name(name) -> None:
+    """A graph node may call a registered torch op (torch.ops.<namespace>.<op>.<overload>) or a shape builtin."""
+    if not (isinstance(name, str) and (_OP_NAME.fullmatch(name) or name in _ALLOWED_FUNCTION_NAMES)):
+        raise _refuse(f"graph node calls {name!r}, which is not a torch op")
 
 
 def _vet_sym_expr(text) -> None:
@@ -407,7 +425,8 @@ def _vet_treespec(text: str) -> None:
 
     def walk(spec) -> None:
         if not isinstance(spec, dict) or spec.get("type") not in _TREESPEC_TYPES:
-            raise _refuse(f"inputs/outputs use the Python type {spec.get('type') if isinstance(spec, dict) else spec!r}")
+            kind = spec.get("type") if isinstance(spec, dict) else type(spec).__name__
+            raise _refuse(f"inputs/outputs use the Python type {kind}")
         context = spec.get("context")
         if spec["type"] in ("builtins.dict", "collections.OrderedDict"):
             keys = json.loads(context) if isinstance(context, str) else None
@@ -528,6 +547,10 @@ class _ProgramShapes:
 
     @classmethod
     def from_program(cls, ep) -> _ProgramShapes:
+        if ep.example_inputs and ep.example_inputs[1]:
+            # the program's module then needs (args, kwargs) split exactly as at export; we pass inputs by position
+            raise _LoadError("programs exported with keyword inputs are not supported; export with positional "
+                             "inputs only: torch.export.export(model, args)")
         placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
         user_inputs = [placeholders[name] for name in ep.graph_signature.user_inputs]
         examples = torch.utils._pytree.tree_leaves(ep.example_inputs) if ep.example_inputs else []

@@ -1,4 +1,4 @@
-"""LinearAttention: kernelized attention phi(Q) (phi(K)^T V), normalised or not, causal or not (family K3).
+"""KernelizedAttention: kernelized attention phi(Q) (phi(K)^T V), normalised or not, causal or not (family K3).
 
 Per head, with feature maps phi:
   non-causal: out_i = phi(q_i) . sum_j phi(k_j) v_j^T  /  phi(q_i) . sum_j phi(k_j)        (normalize=1)
@@ -171,7 +171,7 @@ def output_shapes(input_shapes, attrs):
 
 
 CONTRACT = OpContract(
-    op_type="LinearAttention",
+    op_type="KernelizedAttention",
     version=1,
     doc=__doc__,
     inputs=(

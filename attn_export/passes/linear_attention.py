@@ -1,4 +1,4 @@
-"""Fuse kernelized linear attention with positive random features (Performer FAVOR+) into LinearAttention.
+"""Fuse kernelized linear attention with positive random features (Performer FAVOR+) into KernelizedAttention.
 
 Anchor: a product of (scaled) queries or keys with a constant [D, M] feature matrix that feeds an Exp. The two
 such products of one layer (queries and keys, same matrix) bound the layer; causal or not, normalised or not and
@@ -10,7 +10,7 @@ import itertools
 import numpy as np
 
 from ..ops import LINEAR_ATTENTION
-from .framework import (Match, NotFused, check_no_escape, constant, find_output, region, scalar_value,
+from .framework import (GATHER_OPS, Match, NotFused, check_no_escape, constant, find_output, region, scalar_value,
                         verify_numerically, walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
@@ -69,7 +69,7 @@ def match(index: GraphIndex, probe: Probe, pair, name: str) -> Match:
     if output is None:
         raise NotFused("no [B, N, H*D] output where the heads merge back")
     nodes, outside = region(index, [qa, qb], output)
-    values = {walk_to_boundary(index, probe, t)[0] for t in outside}
+    values = {walk_to_boundary(index, probe, t, through=GATHER_OPS)[0] for t in outside}
     if len(values) != 1:
         raise NotFused(f"expected one value tensor outside q and k, found {len(values)}")
     v = values.pop()

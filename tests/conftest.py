@@ -1,0 +1,39 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from attn_export.ops.functions import with_function_bodies
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+def run_single_op(contract, attrs, arrays):
+    """Run one custom node through its attached decomposition on onnxruntime."""
+    names = [f"x{i}" for i in range(len(arrays))]
+    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), None)
+              for n, a in zip(names, arrays)]
+    node = contract.make_node(names, ["y"], "op", attrs)
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("attn_export", 1)])
+    session = ort.InferenceSession(with_function_bodies(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, dict(zip(names, arrays)))[0]
+
+
+def small_config(name):
+    """Configs small enough for CPU tests, with more than one layer and head."""
+    import models
+
+    overrides = {
+        "bigbird": dict(hidden=64, num_heads=4, num_layers=2, block_size=16, num_random_blocks=2, max_seq_len=512,
+                        vocab_size=100),
+        "performer": dict(hidden=64, num_heads=4, num_layers=2, num_features=32, max_seq_len=512, vocab_size=100),
+    }[name]
+    entry = models.get(name)
+    return entry, entry.make_config(overrides)

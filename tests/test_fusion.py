@@ -1,0 +1,101 @@
+"""Export and fusion of the zoo models: both exporters, fixed and dynamic length, every layer fused, parity kept."""
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from attn_export import api
+from attn_export.backends import OnnxRuntimeRunner, TorchRunner
+from attn_export.errors import UserError
+from attn_export.export import export_onnx
+from attn_export.passes import fuse_graph
+from conftest import small_config
+
+
+def _export(name, exporter, dynamic, causal=False):
+    entry, config = small_config(name)
+    if causal:
+        config.causal = True
+    torch.manual_seed(0)
+    module = entry.build(config).eval()
+    lengths = entry.parity_seq_lens(config) if dynamic else [8 * getattr(config, "block_size", 16)]
+    inputs = [entry.example_inputs(config, 2, n) for n in lengths]
+    probe = [{k: list(v.shape) for k, v in x.items()} for x in inputs]
+    model = export_onnx(module, inputs[0], dynamic_axes=entry.dynamic_axes if dynamic else None, exporter=exporter,
+                        probe_shapes=probe * (2 if len(probe) == 1 else 1))
+    return module, model, inputs
+
+
+CASES = [(name, exporter, dynamic) for name in ("bigbird", "performer") for exporter in ("dynamo", "torchscript")
+         for dynamic in (True, False)]
+
+
+@pytest.mark.parametrize("name,exporter,dynamic", CASES)
+def test_every_attention_layer_fuses_and_keeps_parity(name, exporter, dynamic):
+    module, model, inputs = _export(name, exporter, dynamic)
+    fused, report = fuse_graph(model)
+    assert report.attention_layers == 2 and report.all_fused, report.as_dict()
+    op = {"bigbird": "BlockSparseAttention", "performer": "KernelizedAttention"}[name]
+    custom = [n for n in fused.graph.node if n.domain == "attn_export"]
+    assert [n.op_type for n in custom] == [op, op]
+    assert not fused.functions, "the file must carry custom nodes only"
+    assert not any(n.op_type == "Softmax" for n in fused.graph.node) or name != "bigbird"
+    for node in custom:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["plugin_version"] == b"1" and attrs["plugin_namespace"] == b"attn_export"
+    runner = OnnxRuntimeRunner(fused, "fused")
+    for x in inputs:
+        expected = module(**x).detach().numpy()
+        got = runner.run({k: v.numpy() for k, v in x.items()})
+        np.testing.assert_allclose(list(got.values())[0], expected, atol=1e-4, rtol=1e-3)
+
+
+def test_causal_performer_fuses_as_causal():
+    module, model, inputs = _export("performer", "dynamo", True, causal=True)
+    fused, report = fuse_graph(model)
+    assert report.all_fused
+    assert all(layer.attributes["causal"] == 1 for layer in report.layers)
+
+
+def test_reference_graph_has_standard_ops_only_and_parity_at_two_lengths():
+    for name in ("bigbird", "performer"):
+        module, model, inputs = _export(name, "dynamo", True)
+        assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+        assert len(inputs) >= 2
+        runner = OnnxRuntimeRunner(model, "reference")
+        for x in inputs:
+            np.testing.assert_allclose(list(runner.run({k: v.numpy() for k, v in x.items()}).values())[0],
+                                       module(**x).detach().numpy(), atol=1e-4, rtol=1e-3)
+
+
+class LeakyAttention(torch.nn.Module):
+    """Dense softmax attention whose probabilities are also returned: a fusion must not swallow them."""
+
+    def forward(self, q, k, v):
+        p = torch.softmax(q @ k.transpose(-1, -2), -1)
+        return p @ v, p
+
+
+def test_attention_with_an_escaping_tensor_is_reported_not_fused():
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    model = export_onnx(LeakyAttention(), {"q": q, "k": k, "v": v})
+    fused, report = fuse_graph(model)
+    assert report.fused == 0 and report.attention_layers == 1
+    assert report.layers[0].status == "not fused" and report.layers[0].reason
+
+
+def test_fused_graph_that_disagrees_is_refused(monkeypatch, tmp_path):
+    module, model, inputs = _export("performer", "dynamo", False)
+    import attn_export.passes.linear_attention as lin
+
+    real_match = lin.match
+
+    def wrong_match(*args, **kwargs):
+        m = real_match(*args, **kwargs)
+        m.attrs["causal"] = 1 - m.attrs["causal"]  # a wrong fusion slipping past verification
+        return m
+
+    monkeypatch.setattr(lin, "match", wrong_match)
+    with pytest.raises(UserError, match="refusing to write the fused graph"):
+        api.fuse(model, tmp_path / "fused.onnx")
+    assert not (tmp_path / "fused.onnx").exists()
