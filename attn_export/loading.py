@@ -326,7 +326,7 @@ _ALLOWED_FUNCTIONS = frozenset(f for f in (
 ) if f is not None)
 
 _ALLOWED_FUNCTION_NAMES = frozenset(f"{f.__module__}.{f.__name__}" for f in _ALLOWED_FUNCTIONS)
-_OP_NAME = re.compile(r"(?!.*__)torch\.ops\.[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
+_OP_NAME = re.compile(r"torch\.ops\.[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
 
 
 def _refuse(what: str) -> _LoadError:

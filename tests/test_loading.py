@@ -538,3 +538,27 @@ def test_truncated_pt2(tagger_pt2, tmp_path):
     with pytest.raises(UserError) as info:
         load_model(path)
     assert str(info.value).startswith(f"{path}: truncated or corrupt")
+
+
+def test_pt2_with_shape_arithmetic_loads(tmp_path):
+    class Halver(nn.Module):
+        def forward(self, x):
+            batch, n, d = x.shape
+            return x.reshape(batch, n // 2, 2 * d)
+
+    path = tmp_path / "halver.pt2"
+    pairs = torch.export.Dim("pairs", min=2, max=32)
+    torch.export.save(torch.export.export(Halver(), (torch.randn(1, 8, 3),), dynamic_shapes=({1: 2 * pairs},)), path)
+    loaded = load_model(path)
+    assert loaded.parity_seq_lens() == [8, 16]
+    assert loaded.module(*loaded.example_inputs(seq_len=12).values()).shape == (1, 6, 6)
+
+
+def test_loaded_graph_calling_a_python_function_is_refused(tagger_pt2):
+    from attn_export.loading import _LoadError, _vet_program
+
+    program = torch.export.load(tagger_pt2[0])  # a file we made: safe to load directly
+    node = next(n for n in program.graph.nodes if n.op == "call_function")
+    node.target = print
+    with pytest.raises(_LoadError, match="which is not a torch op"):
+        _vet_program(program)
