@@ -140,6 +140,9 @@ def _engine(out_dir: Path, fused: onnx.ModelProto, parity_inputs, dynamic_axes) 
     shapes = [{n: tuple(t.shape) for n, t in inputs.items()} for _, inputs in parity_inputs]
     profile = {name: (min(s[name] for s in shapes), shapes[0][name], max(s[name] for s in shapes))
                for name in shapes[0]}
-    path = tensorrt_runner.build_engine(out_dir / "model.fused.onnx", out_dir / "model.plan",
-                                        plugin_library=tensorrt_runner.find_plugin_library(), profiles=[profile])
+    try:
+        path = tensorrt_runner.build_engine(out_dir / "model.fused.onnx", out_dir / "model.plan",
+                                            plugin_library=tensorrt_runner.find_plugin_library(), profiles=[profile])
+    except UserError as e:  # e.g. no plugin library yet: the graphs and the report are still worth having
+        return {"path": None, "reason": f"engine build failed: {e}"}
     return {"path": str(path), "reason": ""}
