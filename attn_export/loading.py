@@ -15,7 +15,6 @@ import dataclasses
 import inspect
 import io
 import json
-import keyword
 import math
 import operator
 import pickle
@@ -122,6 +121,8 @@ def load_model(path) -> LoadedModel:
         raise _user_error(path, e) from None
     except UserError as e:  # from the registry, a config check or a length rule: say which file
         raise _user_error(path, e) from None
+    except OSError as e:  # unreadable: permissions, I/O errors
+        raise _user_error(path, f"cannot read it: {e.strerror or e}") from None
 
 
 def _load(path: Path) -> LoadedModel:
@@ -156,10 +157,12 @@ def _parses_as_pickle(path: Path) -> bool:
             with zipfile.ZipFile(path) as archive:
                 name = next(n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
                 stream = io.BytesIO(archive.read(name))
+            for _ in pickletools.genops(stream):
+                pass
         else:
-            stream = io.BytesIO(path.read_bytes())
-        for _ in pickletools.genops(stream):
-            pass
+            with path.open("rb") as stream:
+                for _ in pickletools.genops(stream):  # stops at the first pickle's STOP
+                    pass
         return True
     except Exception:
         return False
@@ -285,11 +288,14 @@ def _load_state_dict(module: torch.nn.Module, state_dict: dict, arch: str) -> No
 #  5. every SymExpr string is parsed with sympy.sympify, which evals it;
 #  6. treespecs may name an enum's module ("__enum__") or a defaultdict factory, which it imports;
 #  7. node targets resolve to any callable reachable from `torch`, `operator` or `math` (torch.os.system...);
-#  8. names (parameter paths, forward() argument names, kwarg keys) are pasted into Python source that FX
-#     compiles when .module() is called, and .module() execs the program's guards_code strings.
-# So we accept only archives made of JSON and raw tensor bytes, weights_only-checked sample inputs, sympy
-# expressions built from numbers, symbols and known functions, and plain treespecs (1-6, before loading); then
-# check the loaded graph's targets and names and build the module without the guards (7-8, after loading).
+#  8. names are pasted into Python source that FX compiles: graph input names (and the attribute names of
+#     subgraphs) while loading, parameter paths, forward() argument names and kwarg keys in .module(); and
+#     .module() execs the program's guards_code strings.
+# So, before loading, we accept only archives made of JSON and raw tensor bytes (1, 2, 4), sample inputs that
+# load with weights_only (3), sympy expressions built from numbers, shape symbols and known functions (5),
+# plain treespecs (6), node targets that name torch ops (7) and names that are dotted identifiers (8). After
+# loading, we check the graph's targets and attribute names again (7, 8) and build the module without the
+# guards (8). Checked against torch 2.13's sources.
 # --------------------------------------------------------------------------------------------------------------
 
 _PT2_ENTRIES = re.compile(
@@ -298,6 +304,9 @@ _PT2_ENTRIES = re.compile(
     r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+"
     r"|data/sample_inputs/model\.pt"
 )
+# JSON keys whose values are names (of graph inputs and nodes, parameters, buffers, constants, submodules)
+_NAME_KEYS = frozenset({"name", "as_name", "parameter_name", "buffer_name", "tensor_constant_name",
+                        "custom_obj_name", "user_input_name", "input_name", "fqn"})
 _SAFE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")  # a parameter path such as layers.0.weight
 _SYMBOL_NAME = re.compile(r"[a-z]+\d+")  # the shape symbols torch creates: s0, u1, ...
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -335,7 +344,7 @@ def _refuse(what: str) -> _LoadError:
 
 
 def _vet_pt2_archive(archive: zipfile.ZipFile) -> None:
-    """Checks 1-6 above, on the archive before torch.export.load sees it."""
+    """The checks made before torch.export.load sees the archive (1-8 above)."""
     names = [n for n in archive.namelist() if not n.endswith("/")]
     roots = {n.split("/", 1)[0] for n in names}
     if len(roots) != 1 or any("/" not in n for n in names):
@@ -372,12 +381,23 @@ def _vet_program_json(node) -> None:
                 _vet_sym_expr(value)
             elif key == "as_operator" or (key == "target" and "inputs" in node and "outputs" in node):
                 _vet_target_name(value)
+            elif key in _NAME_KEYS and isinstance(value, str):
+                _vet_name(value)
+            elif key == "forward_arg_names" and isinstance(value, list):
+                for name in value:
+                    _vet_name(name)
             elif key in ("in_spec", "out_spec") and isinstance(value, str):
                 _vet_treespec(value)
             _vet_program_json(value)
     elif isinstance(node, list):
         for value in node:
             _vet_program_json(value)
+
+
+def _vet_name(name) -> None:
+    """Graph input, node, attribute and argument names end up in Python source that FX compiles."""
+    if not (isinstance(name, str) and (name == "" or _SAFE_NAME.fullmatch(name))):
+        raise _refuse(f"the program holds the name {name!r}, which is not a plain identifier")
 
 
 def _vet_target_name(name) -> None:
@@ -419,7 +439,7 @@ def _vet_sym_expr(text) -> None:
 def _vet_treespec(text: str) -> None:
     """Input/output structure: tuples, lists and dicts keyed by identifiers only (no imports, no enums)."""
     try:
-        protocol, spec = json.loads(text)
+        _protocol, spec = json.loads(text)
     except (ValueError, TypeError):
         raise _refuse("an input/output structure is not a plain treespec") from None
 
@@ -441,12 +461,12 @@ def _vet_treespec(text: str) -> None:
 
 
 def _vet_program(ep: torch.export.ExportedProgram) -> None:
-    """Checks 7-8 above, on the loaded program before its module is built."""
+    """The checks made on the loaded program, before its module is built (7, 8 above)."""
     for gm in ep.graph_module.modules():
         if not isinstance(gm, torch.fx.GraphModule):
             continue
         for node in gm.graph.nodes:
-            if node.op in ("placeholder", "output"):
+            if node.op in ("placeholder", "output"):  # their names were checked in the JSON
                 continue
             if node.op == "get_attr":
                 if not _SAFE_NAME.fullmatch(str(node.target)):
@@ -470,10 +490,6 @@ def _vet_program(ep: torch.export.ExportedProgram) -> None:
     for name, value in ep.constants.items():
         if not isinstance(value, torch.Tensor):
             raise _refuse(f"constant '{name}' is a {type(value).__name__}, not a tensor")
-    signature = ep.module_call_graph[0].signature if ep.module_call_graph else None
-    for name in (signature.forward_arg_names or []) if signature else []:
-        if not name.isidentifier() or keyword.iskeyword(name):
-            raise _refuse(f"forward() argument name '{name}'")
 
 
 def _is_op(target) -> bool:
@@ -500,8 +516,12 @@ def _load_pt2(path: Path) -> LoadedModel:
     try:
         with zipfile.ZipFile(path) as archive:
             _vet_pt2_archive(archive)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:  # damaged entries show up as we read them
+    except _LoadError:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError) as e:  # damaged entries show up as we read them
         raise _LoadError(f"truncated or corrupt torch.export archive ({_one_line(e)})") from None
+    except Exception as e:  # JSON that is not what torch writes
+        raise _LoadError(f"malformed torch.export archive ({type(e).__name__}: {_one_line(e)[:160]})") from None
     try:
         with warnings.catch_warnings(), path.open("rb") as f:
             warnings.simplefilter("ignore")
@@ -525,7 +545,7 @@ def _load_pt2(path: Path) -> LoadedModel:
                        exported_program=ep, _shapes=shapes)
 
 
-def _upper(value) -> int | None:
+def _finite_int(value) -> int | None:
     try:
         return int(value)
     except (TypeError, ValueError, AttributeError, OverflowError):
@@ -565,7 +585,7 @@ class _ProgramShapes:
         ranges = {}
         for key, value_range in ep.range_constraints.items():
             if isinstance(key, sympy.Symbol):
-                ranges[key] = (int(value_range.lower), _upper(value_range.upper))
+                ranges[key] = (_finite_int(value_range.lower) or 0, _finite_int(value_range.upper))
         shapes = cls(names, [t.detach().clone() for t in examples], dims, ranges, {})
         shapes.example_values = shapes._solve_examples()
         if shapes.examples and shapes.examples[0].dim() >= 2 and len(shapes._free(shapes.dims[0][1])) > 1:
@@ -660,7 +680,9 @@ class _ProgramShapes:
         if not self._free(dim):
             return [int(dim)]
         (symbol,) = self._free(dim)
-        current = self.example_values[symbol]
+        current = self.example_values.get(symbol)
+        if current is None:
+            return [int(self.examples[0].shape[1])]
         lo, hi = self._range(symbol)
         lo = max(lo, 2)  # torch specializes sizes 0 and 1, so stay clear of them
         others = [v for v in (2 * current, current // 2, lo, hi) if v is not None and lo <= v and

@@ -499,7 +499,7 @@ HOSTILE = [
     (hostile_sympy_expression_without_quotes, "calls something other than a sympy function"),
     (hostile_node_target, "which is not a torch op"),
     (hostile_treespec, "inputs/outputs use the Python type collections.defaultdict"),
-    (hostile_argument_name, "forward() argument name"),
+    (hostile_argument_name, "which is not a plain identifier"),
     (hostile_compiled_code, "unexpected entry 'data/aotinductor/model/model.so'"),
     (hostile_custom_object, "unexpected entry 'data/constants/custom_obj_0'"),
 ]
@@ -562,3 +562,14 @@ def test_loaded_graph_calling_a_python_function_is_refused(tagger_pt2):
     node.target = print
     with pytest.raises(_LoadError, match="which is not a torch op"):
         _vet_program(program)
+
+
+def test_hostile_graph_input_name_is_refused(tagger_pt2, tmp_path):
+    """FX pastes graph input names into the Python source it compiles for .module()."""
+    path, marker = tmp_path / "model.pt2", tmp_path / "model.marker"
+    injected = f"mask=open('{marker}', 'w')"
+    edit = lambda data: data.replace(b'"mask"', json.dumps(injected).encode())  # noqa: E731
+    rewrite_archive(tagger_pt2[0], path, {"models/model.json": edit})
+    with pytest.raises(UserError, match="refusing to load: the program holds the name"):
+        load_model(path)
+    assert not marker.exists()
