@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attn_export import api
-from attn_export.backends import OnnxRuntimeRunner, TorchRunner
+from attn_export.backends import OnnxRuntimeRunner
 from attn_export.errors import UserError
 from attn_export.export import export_onnx
 from attn_export.passes import fuse_graph

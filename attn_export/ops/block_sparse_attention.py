@@ -15,15 +15,10 @@ import numpy as np
 import torch
 from onnx import numpy_helper
 
-from .contract import Attribute, OpContract, TensorSpec
+from .contract import Attribute, OpContract, TensorSpec, split_heads
 from .onnx_builder import OnnxBuilder
 
 FLOATS = ("float32", "float16", "bfloat16")
-
-
-def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    b, n, _ = x.shape
-    return x.reshape(b, n, num_heads, -1).transpose(1, 2)
 
 
 def visible_slots(block_index: torch.Tensor, num_blocks: int) -> torch.Tensor:
@@ -36,7 +31,7 @@ def visible_slots(block_index: torch.Tensor, num_blocks: int) -> torch.Tensor:
 
 
 def reference(query, key, value, block_index, *, num_heads=1, block_size=64, scale=0.0, global_blocks=0):
-    q, k, v = (_split_heads(t, num_heads) for t in (query, key, value))
+    q, k, v = (split_heads(t, num_heads) for t in (query, key, value))
     batch, heads, n, d = q.shape
     if n % block_size:
         raise ValueError(f"sequence length {n} is not a multiple of block_size {block_size}")

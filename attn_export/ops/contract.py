@@ -15,6 +15,12 @@ PLUGIN_NAMESPACE = "attn_export"
 ATTRIBUTE_KINDS = ("int", "ints", "float", "string")
 
 
+def split_heads(x, num_heads: int):
+    """Every op takes q/k/v as [B, N, H*D]; references work per head on [B, H, N, D]."""
+    b, n, _ = x.shape
+    return x.reshape(b, n, num_heads, -1).transpose(1, 2)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str

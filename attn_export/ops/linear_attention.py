@@ -22,17 +22,12 @@ import math
 import numpy as np
 import torch
 
-from .contract import Attribute, OpContract, TensorSpec
+from .contract import Attribute, OpContract, TensorSpec, split_heads
 from .onnx_builder import OnnxBuilder
 
 FLOATS = ("float32", "float16", "bfloat16")
 FEATURE_MAPS = ("favor_positive", "elu_plus_one", "identity")
 CHUNK = 64  # causal prefix chunk used by the decomposition; the result does not depend on it
-
-
-def _split_heads(x, num_heads):
-    b, n, _ = x.shape
-    return x.reshape(b, n, num_heads, -1).transpose(1, 2)
 
 
 def feature_maps(q, k, projection, feature_map, scale, eps, causal):
@@ -60,7 +55,7 @@ def feature_maps(q, k, projection, feature_map, scale, eps, causal):
 
 def reference(query, key, value, projection=None, *, num_heads=1, feature_map="favor_positive", causal=0,
               normalize=1, scale=0.0, eps=1e-6):
-    q, k, v = (_split_heads(t, num_heads) for t in (query, key, value))
+    q, k, v = (split_heads(t, num_heads) for t in (query, key, value))
     phi_q, phi_k = feature_maps(q, k, projection, feature_map, scale, eps, causal)
     v = v.float()
     if causal:  # plain masked quadratic form: the definition, not the fast path

@@ -58,7 +58,7 @@ def fuse_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
     probe = Probe(fused)
     report, matches, claimed = FusionReport(), [], set()
     anchors = set()
-    for family, module in FAMILY_PASSES:
+    for _family, module in FAMILY_PASSES:
         for candidate in module.candidates(index, probe):
             anchor = candidate.softmax if hasattr(candidate, "softmax") else candidate[0]
             anchors.add(id(anchor))

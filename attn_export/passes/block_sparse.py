@@ -2,7 +2,6 @@
 into BlockSparseAttention."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import onnx
