@@ -8,8 +8,6 @@ import click
 
 from .errors import UserError
 
-DEFAULT_SEQ_LEN = 1024
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="attn-export")
@@ -51,8 +49,8 @@ def zoo_list():
 @click.argument("name")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Checkpoint to write (a plain dict: format tag, architecture, config, weights).")
-@click.option("--seq-len", type=int, default=DEFAULT_SEQ_LEN, show_default=True,
-              help="Example sequence length stored with the checkpoint.")
+@click.option("--seq-len", type=int, default=None,
+              help="Example sequence length stored with the checkpoint [default: the model's own, e.g. 1024].")
 @click.option("--batch", type=int, default=1, show_default=True, help="Example batch size.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config field, e.g. --set num_layers=4 (repeatable).")
@@ -65,6 +63,7 @@ def zoo_create(name, output, seq_len, batch, overrides):
 
     entry = models.get(name)
     config = entry.make_config(_parse_overrides(overrides))
+    seq_len = entry.default_seq_len(config) if seq_len is None else seq_len
     entry.check_seq_len(config, seq_len)
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")

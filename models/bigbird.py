@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import registry
-from .common import PreLNBlock, TokenEmbedding, check_positive, merge_heads, split_heads, token_inputs
+from .common import Encoder, PreLNBlock, check_positive, merge_heads, split_heads, token_inputs
 
 WINDOW = 3  # blocks i-1, i, i+1 (fixed in BigBird)
 
@@ -96,25 +96,6 @@ class BigBirdAttention(nn.Module):
         return self.out(merge_heads(out))
 
 
-class BigBirdClassifier(nn.Module):
-    """Encoder of pre-LN blocks with BigBird attention, mean-pooled into a classification head."""
-
-    def __init__(self, config: BigBirdConfig):
-        super().__init__()
-        self.config = config
-        self.embed = TokenEmbedding(config.vocab_size, config.max_seq_len, config.hidden)
-        self.layers = nn.ModuleList(
-            PreLNBlock(config.hidden, config.mlp_ratio, BigBirdAttention(config, i)) for i in range(config.num_layers))
-        self.norm = nn.LayerNorm(config.hidden)
-        self.head = nn.Linear(config.hidden, config.num_classes)
-
-    def forward(self, input_ids):
-        x = self.embed(input_ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(self.norm(x).mean(1))
-
-
 def check_seq_len(config: BigBirdConfig, seq_len: int) -> None:
     b = config.block_size
     if seq_len % b:
@@ -135,9 +116,11 @@ ENTRY = registry.register(registry.ZooEntry(
     constraints="batch and sequence dynamic; sequence a multiple of block_size, from 2 blocks to max_seq_len "
                 "(the frozen random table covers max_seq_len / block_size blocks)",
     config_cls=BigBirdConfig,
-    build=BigBirdClassifier,
+    build=lambda c: Encoder(c, lambda i: PreLNBlock(c.hidden, c.mlp_ratio, BigBirdAttention(c, i)), head="pooled"),
     example_inputs=lambda c, batch, seq_len: token_inputs(c.vocab_size, batch, seq_len),
     dynamic_axes={"input_ids": {0: "batch", 1: "seq"}},
     seq_len_rule=check_seq_len,
     parity_seq_lens=parity_seq_lens,
+    small=dict(hidden=64, num_heads=4, num_layers=2, block_size=16, num_random_blocks=2, max_seq_len=512,
+               vocab_size=100),
 ))

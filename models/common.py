@@ -1,5 +1,9 @@
-"""Pieces every zoo encoder shares: token + learned position embeddings, a pre-LN block, example inputs."""
+"""Pieces the zoo models share: token + learned position embeddings, a pre-LN block, an encoder stack with a
+pooled or per-token head, T5 relative-position buckets, example inputs."""
 from __future__ import annotations
+
+import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -28,6 +32,46 @@ class TokenEmbedding(nn.Module):
     def forward(self, input_ids):
         n = input_ids.shape[1]
         return self.tokens(input_ids) + self.positions(torch.arange(n, device=input_ids.device))[None]
+
+
+class Encoder(nn.Module):
+    """Token + position embedding, blocks (each maps x -> x), a final LayerNorm and a head: `pooled` gives
+    [B, num_classes] logits from the mean over tokens, `tokens` gives [B, N, vocab_size] logits per token."""
+
+    def __init__(self, config, make_block: Callable[[int], nn.Module], head: str = "pooled"):
+        super().__init__()
+        self.config = config
+        self.embed = TokenEmbedding(config.vocab_size, config.max_seq_len, config.hidden)
+        self.layers = nn.ModuleList(make_block(i) for i in range(config.num_layers))
+        self.norm = nn.LayerNorm(config.hidden)
+        self.pooled = head == "pooled"
+        self.head = nn.Linear(config.hidden, config.num_classes if self.pooled else config.vocab_size)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        x = self.norm(x)
+        return self.head(x.mean(1) if self.pooled else x)
+
+
+def t5_relative_buckets(relative: torch.Tensor, bidirectional: bool, num_buckets: int = 32,
+                        max_distance: int = 128) -> torch.Tensor:
+    """T5's bucket of each relative position (key - query): exact below num_buckets/2 (per direction), then
+    logarithmic up to max_distance. Computed once on constant offsets, so no Log/Cast reaches the graph."""
+    n = -relative
+    buckets = torch.zeros_like(relative)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (n < 0).long() * num_buckets
+        n = n.abs()
+    else:
+        n = n.clamp(min=0)
+    max_exact = num_buckets // 2
+    large = max_exact + (torch.log(n.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).long()
+    large = large.clamp(max=num_buckets - 1)
+    return buckets + torch.where(n < max_exact, n, large)
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import registry
-from .common import PreLNBlock, TokenEmbedding, check_positive, merge_heads, split_heads, token_inputs
+from .common import Encoder, PreLNBlock, check_positive, merge_heads, split_heads, token_inputs
 
 CHUNK = 64
 
@@ -107,25 +107,6 @@ class PerformerAttention(nn.Module):
         return self.out(merge_heads(out))
 
 
-class PerformerLM(nn.Module):
-    """Pre-LN encoder (bidirectional) or decoder (causal) with FAVOR+ attention and a token-logits head."""
-
-    def __init__(self, config: PerformerConfig):
-        super().__init__()
-        self.config = config
-        self.embed = TokenEmbedding(config.vocab_size, config.max_seq_len, config.hidden)
-        self.layers = nn.ModuleList(
-            PreLNBlock(config.hidden, config.mlp_ratio, PerformerAttention(config, i)) for i in range(config.num_layers))
-        self.norm = nn.LayerNorm(config.hidden)
-        self.head = nn.Linear(config.hidden, config.vocab_size)
-
-    def forward(self, input_ids):
-        x = self.embed(input_ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(self.norm(x))
-
-
 def check_seq_len(config: PerformerConfig, seq_len: int) -> None:
     if not 1 <= seq_len <= config.max_seq_len:
         raise ValueError(f"Performer sequence length must be in [1, {config.max_seq_len}], got {seq_len}")
@@ -138,9 +119,10 @@ ENTRY = registry.register(registry.ZooEntry(
     constraints="batch and sequence dynamic, any length up to max_seq_len (position table); random features "
                 "frozen; causal form chunked in 64 tokens, any length",
     config_cls=PerformerConfig,
-    build=PerformerLM,
+    build=lambda c: Encoder(c, lambda i: PreLNBlock(c.hidden, c.mlp_ratio, PerformerAttention(c, i)), head="tokens"),
     example_inputs=lambda c, batch, seq_len: token_inputs(c.vocab_size, batch, seq_len),
     dynamic_axes={"input_ids": {0: "batch", 1: "seq"}},
     seq_len_rule=check_seq_len,
     parity_seq_lens=lambda c: [n for n in (100, 256) if n <= c.max_seq_len] or [c.max_seq_len],
+    small=dict(hidden=64, num_heads=4, num_layers=2, num_features=32, max_seq_len=512, vocab_size=100),
 ))

@@ -24,8 +24,12 @@ class ZooEntry:
     dynamic_axes: dict[str, dict[int, str]]
     # seq_len_rule(config, seq_len) raises ValueError with the reason when a length is not allowed
     seq_len_rule: Callable[[Any, int], None]
-    # two or more lengths at which parity is checked
+    # two or more lengths at which parity is checked (one when the sequence axis is fixed)
     parity_seq_lens: Callable[[Any], list[int]]
+    # config overrides small enough for quick CPU checks (tests, examples); more than one layer and head
+    small: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # the example length `zoo create` stores when none is given
+    default_seq_len: Callable[[Any], int] = lambda config: 1024
 
     def check_seq_len(self, config, seq_len: int) -> None:
         try:

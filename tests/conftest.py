@@ -26,13 +26,8 @@ def run_single_op(contract, attrs, arrays):
 
 
 def small_config(name):
-    """Configs small enough for CPU tests, with more than one layer and head."""
+    """The entry and its small config (quick on CPU, more than one layer and head)."""
     import models
 
-    overrides = {
-        "bigbird": dict(hidden=64, num_heads=4, num_layers=2, block_size=16, num_random_blocks=2, max_seq_len=512,
-                        vocab_size=100),
-        "performer": dict(hidden=64, num_heads=4, num_layers=2, num_features=32, max_seq_len=512, vocab_size=100),
-    }[name]
     entry = models.get(name)
-    return entry, entry.make_config(overrides)
+    return entry, entry.make_config(entry.small)

@@ -4,13 +4,15 @@ import json
 import pytest
 
 from attn_export.cli import main
+from conftest import small_config
 
-SMALL = {
-    "bigbird": ["--set", "hidden=64", "--set", "num_heads=4", "--set", "block_size=16", "--set", "max_seq_len=512",
-                "--set", "vocab_size=100", "--seq-len", "128"],
-    "performer": ["--set", "hidden=64", "--set", "num_heads=4", "--set", "num_features=32", "--set",
-                  "max_seq_len=512", "--set", "vocab_size=100", "--seq-len", "128"],
-}
+
+
+def small_args(name):
+    """`zoo create` options for the entry's small config, at its first parity length."""
+    entry, config = small_config(name)
+    sets = [arg for key, value in entry.small.items() for arg in ("--set", f"{key}={value}")]
+    return sets + ["--seq-len", str(entry.parity_seq_lens(config)[0])]
 
 
 def run(capsys, *args):
@@ -28,7 +30,7 @@ def test_zoo_list_shows_both_models(capsys):
 @pytest.mark.parametrize("name", ["bigbird", "performer"])
 def test_create_then_build_fuses_everything_and_passes_parity(capsys, tmp_path, name):
     ckpt = tmp_path / "model.pt"
-    assert run(capsys, "zoo", "create", name, "-o", ckpt, *SMALL[name])[0] == 0
+    assert run(capsys, "zoo", "create", name, "-o", ckpt, *small_args(name))[0] == 0
     code, out, _ = run(capsys, "build", ckpt, "-o", tmp_path / "out", "--strict")
     assert code == 0, out
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -46,7 +48,7 @@ def test_create_then_build_fuses_everything_and_passes_parity(capsys, tmp_path, 
 
 def test_step_by_step_export_fuse_check(capsys, tmp_path):
     ckpt, ref, fused = tmp_path / "m.pt", tmp_path / "m.onnx", tmp_path / "m.fused.onnx"
-    assert run(capsys, "zoo", "create", "performer", "-o", ckpt, *SMALL["performer"])[0] == 0
+    assert run(capsys, "zoo", "create", "performer", "-o", ckpt, *small_args("performer"))[0] == 0
     assert run(capsys, "export", ckpt, "-o", ref)[0] == 0
     code, out, _ = run(capsys, "fuse", ref, "-o", fused, "--report", tmp_path / "fusion.json", "--strict")
     assert code == 0 and "2 of 2" in out
