@@ -1,9 +1,15 @@
 """The custom ops: one module per op, each exporting CONTRACT. This registry is what every other part reads."""
 from .block_sparse_attention import CONTRACT as BLOCK_SPARSE_ATTENTION
 from .contract import DOMAIN, PLUGIN_NAMESPACE, OpContract
+from .dense_attention import CONTRACT as DENSE_ATTENTION
+from .disentangled_attention import CONTRACT as DISENTANGLED_ATTENTION
 from .linear_attention import CONTRACT as LINEAR_ATTENTION
+from .long_convolution import CONTRACT as LONG_CONVOLUTION
+from .mixture_of_experts import CONTRACT as MIXTURE_OF_EXPERTS
 
-OPS: dict[str, OpContract] = {op.op_type: op for op in (BLOCK_SPARSE_ATTENTION, LINEAR_ATTENTION)}
+OPS: dict[str, OpContract] = {op.op_type: op for op in (
+    BLOCK_SPARSE_ATTENTION, DENSE_ATTENTION, DISENTANGLED_ATTENTION, LINEAR_ATTENTION, LONG_CONVOLUTION,
+    MIXTURE_OF_EXPERTS)}
 
 
 def contract_for(node) -> OpContract | None:
@@ -13,4 +19,5 @@ def contract_for(node) -> OpContract | None:
     return OPS.get(node.op_type)
 
 
-__all__ = ["OPS", "DOMAIN", "PLUGIN_NAMESPACE", "OpContract", "contract_for", "BLOCK_SPARSE_ATTENTION", "LINEAR_ATTENTION"]
+__all__ = ["OPS", "DOMAIN", "PLUGIN_NAMESPACE", "OpContract", "contract_for", "BLOCK_SPARSE_ATTENTION",
+           "DENSE_ATTENTION", "DISENTANGLED_ATTENTION", "LINEAR_ATTENTION", "LONG_CONVOLUTION", "MIXTURE_OF_EXPERTS"]

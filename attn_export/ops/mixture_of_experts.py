@@ -1,0 +1,105 @@
+"""MixtureOfExperts: Switch Transformer's top-1 routed FFN with capacity (kernel family K5).
+
+Per group (one batch row of T tokens), router in float32:
+  p = softmax(x W_r), e* = argmax p, g = p[e*];
+  capacity C = `capacity`, or ceil(T * capacity_factor / E) when `capacity` is 0;
+  tokens join their expert's queue in sequence order and a token is kept iff its place in the queue is <= C;
+  y = g * W_out[e*]^T act(W_in[e*]^T x) for a kept token, 0 for a dropped one (the caller's residual carries it).
+Experts are bias-free FFNs with stacked weights; act is relu (T5/Switch) or gelu.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .contract import Attribute, OpContract, TensorSpec
+from .onnx_builder import OnnxBuilder
+
+FLOATS = ("float32", "float16", "bfloat16")
+ACTIVATIONS = ("relu", "gelu")
+
+
+def capacity_for(tokens: int, experts: int, capacity: int, capacity_factor: float) -> int:
+    return capacity or math.ceil(tokens * capacity_factor / experts)
+
+
+def reference(hidden, router, expert_in, expert_out, *, capacity=0, capacity_factor=1.0, activation="relu"):
+    x = hidden.float()
+    _, tokens, _ = x.shape
+    experts = router.shape[1]
+    probs = torch.softmax(x @ router.float(), -1)
+    gate, choice = probs.max(-1)  # [B, T]
+    chosen = torch.nn.functional.one_hot(choice, experts)  # [B, T, E]
+    place = (chosen.cumsum(1) * chosen).sum(-1)  # 1-based place in the expert's queue
+    kept = place <= capacity_for(tokens, experts, capacity, capacity_factor)
+    act = torch.nn.functional.relu if activation == "relu" else torch.nn.functional.gelu
+    y = torch.zeros_like(x)
+    for e in range(experts):
+        y_e = act(x @ expert_in[e].float()) @ expert_out[e].float()
+        y = torch.where((choice == e)[..., None], y_e, y)
+    return (y * (gate * kept)[..., None]).to(hidden.dtype)
+
+
+def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict) -> None:
+    """GShard-style static dispatch: D[b, t, e, c] one-hot, expert inputs D^T x as one batched MatMul."""
+    hidden, router, expert_in, expert_out = inputs
+    x = b.op("Cast", hidden, to=1)
+    probs = b.op("Softmax", b.op("MatMul", x, b.op("Cast", router, to=1)), axis=-1)  # [B,T,E]
+    choice = b.op("ArgMax", probs, axis=-1, keepdims=1)  # [B,T,1]
+    gate = b.op("GatherElements", probs, choice, axis=2)  # [B,T,1]
+    experts = b.dim(b.op("Shape", router), 1)
+    expert_ids = b.op("Range", b.const(0), b.op("Squeeze", experts), b.const(1))
+    chosen = b.op("Cast", b.op("Equal", choice, expert_ids), to=1)  # [B,T,E]
+    place = b.op("Mul", b.op("CumSum", chosen, b.const(1)), chosen)  # 1-based, 0 elsewhere
+
+    tokens = b.dim(b.op("Shape", x), 1)
+    if attrs["capacity"]:
+        capacity = b.const([attrs["capacity"]])
+    else:
+        ratio = b.op("Div", b.op("Mul", b.op("Cast", tokens, to=1), b.const([attrs["capacity_factor"]], np.float32)),
+                     b.op("Cast", experts, to=1))
+        capacity = b.op("Cast", b.op("Ceil", ratio), to=7)
+    slots = b.op("Cast", b.op("Range", b.const(1), b.op("Add", b.op("Squeeze", capacity), b.const(1)), b.const(1)),
+                 to=1)  # [C] = 1..C
+    dispatch = b.op("Cast", b.op("Equal", b.unsqueeze(place, [-1]), slots), to=1)  # [B,T,E,C]
+    shape = b.op("Shape", dispatch)
+    flat = b.op("Concat", b.dim(shape, 0), b.dim(shape, 1), b.const([-1]), axis=0)
+    dispatch_flat = b.op("Reshape", dispatch, flat)  # [B,T,E*C]
+    expert_x = b.op("MatMul", b.op("Transpose", dispatch_flat, perm=[0, 2, 1]), x)  # [B,E*C,d]
+    per_expert = b.op("Concat", b.dim(shape, 0), experts, b.dim(shape, 3), b.const([-1]), axis=0)
+    expert_x = b.op("Transpose", b.op("Reshape", expert_x, per_expert), perm=[1, 0, 2, 3])  # [E,B,C,d]
+    h = b.op("MatMul", expert_x, b.unsqueeze(b.op("Cast", expert_in, to=1), [1]))  # [E,B,C,F]
+    h = b.op("Relu", h) if attrs["activation"] == "relu" else b.op("Gelu", h)
+    y = b.op("MatMul", h, b.unsqueeze(b.op("Cast", expert_out, to=1), [1]))  # [E,B,C,d]
+    y = b.op("Reshape", b.op("Transpose", y, perm=[1, 0, 2, 3]),
+             b.op("Concat", b.dim(shape, 0), b.const([-1]), b.dim(b.op("Shape", x), 2), axis=0))  # [B,E*C,d]
+    combined = b.op("Mul", b.op("MatMul", dispatch_flat, y), gate)  # [B,T,d]
+    b.op("CastLike", combined, hidden, outputs=[outputs[0]])
+
+
+def output_shapes(input_shapes, attrs):
+    return [tuple(input_shapes[0])]
+
+
+CONTRACT = OpContract(
+    op_type="MixtureOfExperts",
+    version=1,
+    doc=__doc__,
+    inputs=(
+        TensorSpec("hidden", 3, FLOATS, "[B, T, d] tokens; each batch row is one routing group"),
+        TensorSpec("router", 2, FLOATS, "[d, E] router weights (applied in float32)"),
+        TensorSpec("expert_in", 3, FLOATS, "[E, d, F] first expert matrix"),
+        TensorSpec("expert_out", 3, FLOATS, "[E, F, d] second expert matrix"),
+    ),
+    outputs=(TensorSpec("output", 3, FLOATS, "[B, T, d] gated expert output; 0 for dropped tokens"),),
+    attributes=(
+        Attribute("capacity", "int", 0, "tokens per expert per group; 0 means ceil(T * capacity_factor / E)"),
+        Attribute("capacity_factor", "float", 1.0, "used when capacity is 0"),
+        Attribute("activation", "string", "relu", "expert activation: relu or gelu"),
+    ),
+    reference=reference,
+    decompose=decompose,
+    output_shapes=output_shapes,
+)
