@@ -28,3 +28,18 @@ def parity_table(results) -> Table:
             table.add_row(f"{result.backend}: {result.graph}", result.feeds, c.name,
                           f"{c.max_abs_err:.2g} / {c.max_rel_err:.2g}", f"{c.atol:g} / {c.rtol:g}", verdict)
     return table
+
+
+def bench_table(records) -> Table:
+    settings = sorted({f"{r.device} {r.dtype}, batch {r.batch}" for r in records})
+    table = Table(title=f"Latency in ms ({'; '.join(settings)})", title_justify="left")
+    table.add_column("backend: graph", no_wrap=True)
+    for column in ("seq", "min", "mean", "median", "p90", "p95", "p99", "per s", "peak MB"):
+        table.add_column(column, justify="right")
+    for r in records:
+        lat = r.latency_ms
+        peak = "-" if r.peak_memory_mb is None else f"{r.peak_memory_mb:.0f}"
+        table.add_row(f"{r.backend}: {r.graph}", str(r.seq_len),
+                      *(f"{lat[k]:.3g}" for k in ("min", "mean", "median", "p90", "p95", "p99")),
+                      f"{r.throughput_per_s:.3g}", peak)
+    return table
