@@ -139,8 +139,8 @@ def test_long_convolution_equals_the_sum_and_its_decomposition(n, reverse):
         for s in range(t + 1):
             expected[:, t] += kernel[:, t - s] * u[:, s]
         if reverse:
-            for s in range(t, n):
-                expected[:, t] += kernel_reverse[:, s - t] * u[:, s]
+            for s in range(t + 1, n):
+                expected[:, t] += kernel_reverse[:, s - t - 1] * u[:, s]
     args = [u, kernel, skip] + ([kernel_reverse] if reverse else [])
     torch.testing.assert_close(CONV.reference(*args), expected, atol=1e-5, rtol=1e-5)
     got = run_single_op(CONV, dict(channels=c), [t.numpy() for t in args])

@@ -1,9 +1,10 @@
 """LongConvolution: a per-channel convolution with a kernel as long as the sequence (kernel family K6).
 
 SPADE's state-space layer at inference: the S4 kernel is precomputed, so the layer is
-  y[t, c] = sum_{l=0..t} kernel[c, l] u[t - l, c]                    (causal part)
-          + sum_{l=0..N-1-t} kernel_reverse[c, l] u[t + l, c]        (anti-causal part, when given)
+  y[t, c] = sum_{l=0..t} kernel[c, l] u[t - l, c]                        (causal part)
+          + sum_{l=1..N-1-t} kernel_reverse[c, l - 1] u[t + l, c]        (strictly later tokens, when given)
           + skip[c] u[t, c].
+The backward direction starts one step later, as in the official bidirectional S4 (so u[t] is not counted twice).
 kernel and kernel_reverse hold L >= N taps; only the first N are read.
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ def causal_convolution(u: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 def reference(u, kernel, skip, kernel_reverse=None, *, channels=0):
     y = causal_convolution(u, kernel) + u.float() * skip.float()
     if kernel_reverse is not None:
-        y = y + causal_convolution(u.flip(1), kernel_reverse).flip(1)
+        later = causal_convolution(u.flip(1), kernel_reverse).flip(1)  # sum over l >= 0 of kr[l] u[t + l]
+        y = y + torch.nn.functional.pad(later[:, 1:], (0, 0, 0, 1))  # shifted: kr[l - 1] u[t + l], l >= 1
     return y.to(u.dtype)
 
 
@@ -41,7 +43,10 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
     c = attrs["channels"]
     y = b.op("Add", _causal(b, x, kernel, n, c), b.op("Mul", x, b.op("Cast", skip, to=1)))
     if kernel_reverse:
-        y = b.op("Add", y, _flip(b, _causal(b, _flip(b, x, 1), kernel_reverse, n, c), 1))
+        later = _flip(b, _causal(b, _flip(b, x, 1), kernel_reverse, n, c), 1)
+        shifted = b.op("Pad", b.op("Slice", later, b.const([1]), b.const([2 ** 62]), b.const([1])),
+                       b.const([0, 0, 0, 0, 1, 0]))
+        y = b.op("Add", y, shifted)
     b.op("CastLike", y, u, outputs=[outputs[0]])
 
 

@@ -10,7 +10,7 @@ from . import block_sparse, linear_attention
 from .framework import LayerResult, NotFused, replace_all
 from .graph import GraphIndex, remove_dead_nodes, topological_sort
 from .probe import Probe
-from .softmax_core import find_core, softmax_nodes
+from .softmax_core import NO_SCORE_PRODUCT, NO_VALUE_PRODUCT, find_core, softmax_nodes
 
 # (family name, module with candidates(index, probe) and match(index, probe, candidate, name))
 FAMILY_PASSES = (("block_sparse", block_sparse), ("linear_attention", linear_attention))
@@ -79,7 +79,7 @@ def fuse_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
             continue
         core = find_core(index, probe, softmax)
         reason = core if isinstance(core, str) else "dense softmax attention: no fusion pass for this family yet"
-        if isinstance(core, str) and ("QK^T" in core or "product with V" in core):
+        if core in (NO_SCORE_PRODUCT, NO_VALUE_PRODUCT):
             continue  # a softmax that is not attention (a classifier head, a gate)
         report.layers.append(LayerResult(_unique(layer_name(softmax), report), "", "not fused", reason))
     replace_all(fused, matches, index.static)

@@ -12,6 +12,10 @@ from .probe import Probe
 SCORE_OPS = {"Where", "Add", "Sub", "Mul", "Div", "Cast"}
 GUARD_OPS = {"Where", "Cast", "IsNaN", "Not"}
 
+# a softmax with either of these reasons is not attention at all (a gate, a classifier head): not reported
+NO_SCORE_PRODUCT = "no QK^T product feeds the softmax"
+NO_VALUE_PRODUCT = "softmax output does not feed a product with V"
+
 
 @dataclass
 class SoftmaxCore:
@@ -49,7 +53,7 @@ def find_core(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto) -> Softm
     while True:
         node = index.producer.get(tensor)
         if node is None:
-            return "no QK^T product feeds the softmax"
+            return NO_SCORE_PRODUCT
         if node.op_type == "MatMul":
             break
         if node.op_type not in SCORE_OPS:
@@ -85,7 +89,7 @@ def find_core(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto) -> Softm
             break
         frontier = nxt
     if pv is None:
-        return "softmax output does not feed a product with V"
+        return NO_VALUE_PRODUCT
     return SoftmaxCore(softmax, qk, pv, probs, scale, masked)
 
 
