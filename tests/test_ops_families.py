@@ -55,6 +55,7 @@ def test_dense_equals_sdpa_and_masked_rows_are_zero():
 # ------------------------------------------------------------------------------------------------ disentangled
 def _bucket_scalar(r: int, span: int, max_position: int) -> int:
     mid = span // 2
+    r = max(-(max_position - 1), min(max_position - 1, r))
     if abs(r) <= mid:
         return r
     return int(math.copysign(mid + math.ceil(math.log(abs(r) / mid) / math.log((max_position - 1) / mid) * (mid - 1)),
@@ -62,10 +63,10 @@ def _bucket_scalar(r: int, span: int, max_position: int) -> int:
 
 
 def test_log_bucket_matches_the_scalar_formula():
-    r = torch.arange(-511, 512)  # every offset inside max_position
+    r = torch.arange(-700, 701)  # offsets beyond max_position are clamped first
     got = log_bucket(r, 256, 512)
     assert got.tolist() == [_bucket_scalar(x, 256, 512) for x in r.tolist()]
-    assert got.abs().max() == 255 and torch.equal(got[511 - 128:511 + 129], r[511 - 128:511 + 129])
+    assert got.abs().max() == 255 and torch.equal(got[700 - 128:700 + 129], r[700 - 128:700 + 129])
 
 
 def test_disentangled_equals_an_explicit_loop():
@@ -86,7 +87,7 @@ def test_disentangled_equals_an_explicit_loop():
     torch.testing.assert_close(out[0], expected.transpose(0, 1).reshape(n, heads * d), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("n,span,max_position", [(5, 4, 0), (40, 8, 32), (33, 16, 64)])
+@pytest.mark.parametrize("n,span,max_position", [(5, 4, 0), (40, 8, 32), (33, 16, 64), (50, 8, 16)])
 def test_disentangled_decomposition_matches_reference(n, span, max_position):
     heads, d = 2, 8
     q, k, v = (torch.randn(2, n, heads * d) for _ in range(3))

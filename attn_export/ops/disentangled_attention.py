@@ -6,7 +6,8 @@ Per head, with relative index delta(i, j) = clamp(bucket(i - j) + span, 0, 2*spa
                      + k_j.rel_query[delta(i, j)]) position-to-content (the official code's index, not the paper's)
   out = softmax_j(score) v.
 rel_key / rel_query are the projected relative embeddings [2*span, H*D] (DeBERTa-v2: key_proj(P), query_proj(P)).
-bucket(r) is DeBERTa-v2's log bucket when max_position > 0: r if |r| <= span/2, else
+bucket(r) is DeBERTa-v2's log bucket when max_position > 0: with r first clamped to +-(max_position - 1) (as the
+official code does, so buckets stay within +-(span - 1)), r if |r| <= span/2, else
 sign(r) * (span/2 + ceil(log(|r| / (span/2)) / log((max_position - 1) / (span/2)) * (span/2 - 1)));
 max_position = 0 means bucket(r) = r (DeBERTa v1). scale 0 means 1/sqrt(3 D).
 """
@@ -26,6 +27,7 @@ FLOATS = ("float32", "float16", "bfloat16")
 def log_bucket(relative: torch.Tensor, span: int, max_position: int) -> torch.Tensor:
     """DeBERTa-v2's make_log_bucket_position on an integer tensor."""
     mid = span // 2
+    relative = relative.clamp(-(max_position - 1), max_position - 1)
     sign = torch.sign(relative)
     inside = (relative < mid) & (relative > -mid)
     magnitude = torch.where(inside, torch.full_like(relative, mid - 1), relative.abs()).double()
@@ -86,6 +88,7 @@ def _relative_index(b: OnnxBuilder, nq: str, nk: str, span: int, max_position: i
     relative = b.op("Sub", b.unsqueeze(rows, [1]), b.unsqueeze(cols, [0]))  # int64
     if max_position > 0:
         mid = span // 2
+        relative = b.op("Clip", relative, b.const(-(max_position - 1)), b.const(max_position - 1))
         as_float = b.op("Cast", relative, to=11)  # double, as the reference
         sign = b.op("Sign", as_float)
         magnitude = b.op("Abs", as_float)
