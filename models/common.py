@@ -1,12 +1,39 @@
-"""Pieces the zoo models share: token + learned position embeddings, a pre-LN block, an encoder stack with a
-pooled or per-token head, T5 relative-position buckets, example inputs."""
+"""Pieces the zoo models share: the encoder config fields, token + learned position embeddings, a pre-LN block, an
+encoder stack with a pooled or per-token head, T5 relative-position buckets, length rules, example inputs."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+
+
+@dataclass
+class EncoderConfig:
+    """Fields every token encoder of the zoo has; each architecture's config adds its own (num_classes for a pooled
+    head) and may change defaults."""
+    vocab_size: int = 1000
+    max_seq_len: int = 4096
+    hidden: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_ratio: int = 4
+
+    def __post_init__(self):
+        check_positive(self, "vocab_size", "max_seq_len", "hidden", "num_layers", "num_heads", "mlp_ratio")
+        if self.hidden % self.num_heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of num_heads ({self.num_heads})")
+
+
+def check_length(config, seq_len: int, model: str, multiple_of: int = 1, unit: str = "", minimum: int = 1,
+                 why: str = "") -> None:
+    """The usual length rule: a multiple of `multiple_of` (named `unit`) within [minimum, max_seq_len]."""
+    if seq_len % multiple_of:
+        raise ValueError(f"{model} needs a sequence length that is a multiple of {unit} {multiple_of}, got {seq_len}")
+    if not minimum <= seq_len <= config.max_seq_len:
+        raise ValueError(f"{model} sequence length must be in [{minimum}, {config.max_seq_len}]{why}, got {seq_len}")
 
 
 class PreLNBlock(nn.Module):
@@ -16,7 +43,8 @@ class PreLNBlock(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
         self.attention = attention
-        self.mlp = nn.Sequential(nn.Linear(hidden, mlp_ratio * hidden), nn.GELU(), nn.Linear(mlp_ratio * hidden, hidden))
+        width = mlp_ratio * hidden
+        self.mlp = nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Linear(width, hidden))
 
     def forward(self, x):
         x = x + self.attention(self.norm1(x))

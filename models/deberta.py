@@ -26,27 +26,20 @@ import torch
 from torch import nn
 
 from . import registry
-from .common import check_positive, merge_heads, split_heads, token_inputs
+from .common import EncoderConfig, check_length, check_positive, merge_heads, split_heads
 
 
 @dataclass
-class DebertaConfig:
-    vocab_size: int = 1000
+class DebertaConfig(EncoderConfig):
     max_seq_len: int = 512
-    hidden: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    mlp_ratio: int = 4
     num_classes: int = 2
     position_buckets: int = 256  # m, also the span k: P has 2m rows
     max_relative_positions: int = 512  # L
     layer_norm_eps: float = 1e-7
 
     def __post_init__(self):
-        check_positive(self, "vocab_size", "max_seq_len", "hidden", "num_layers", "num_heads", "mlp_ratio",
-                       "num_classes", "max_relative_positions", "layer_norm_eps")
-        if self.hidden % self.num_heads:
-            raise ValueError(f"hidden ({self.hidden}) must be a multiple of num_heads ({self.num_heads})")
+        super().__post_init__()
+        check_positive(self, "num_classes", "max_relative_positions", "layer_norm_eps")
         if self.position_buckets < 2:
             raise ValueError(f"position_buckets must be >= 2 (mid = m/2 must be >= 1), got {self.position_buckets}")
         if self.max_relative_positions <= self.position_buckets // 2 + 1:
@@ -128,12 +121,6 @@ class Deberta(nn.Module):
         return self.head(x.mean(1))
 
 
-def check_seq_len(config: DebertaConfig, seq_len: int) -> None:
-    if not 1 <= seq_len <= config.max_seq_len:
-        raise ValueError(f"DeBERTa sequence length must be in [1, {config.max_seq_len}] (the relative index table "
-                         f"covers max_seq_len), got {seq_len}")
-
-
 ENTRY = registry.register(registry.ZooEntry(
     name="deberta",
     paper="He et al., DeBERTa: Decoding-enhanced BERT with Disentangled Attention, ICLR 2021",
@@ -142,10 +129,7 @@ ENTRY = registry.register(registry.ZooEntry(
                 "max_seq_len] relative index table is sliced to N)",
     config_cls=DebertaConfig,
     build=Deberta,
-    example_inputs=lambda c, batch, seq_len: token_inputs(c.vocab_size, batch, seq_len),
-    dynamic_axes={"input_ids": {0: "batch", 1: "seq"}},
-    seq_len_rule=check_seq_len,
-    parity_seq_lens=lambda c: [n for n in (100, 256) if n <= c.max_seq_len] or [c.max_seq_len],
+    seq_len_rule=lambda c, n: check_length(c, n, "DeBERTa", why=" (the relative index table covers max_seq_len)"),
     small=dict(hidden=64, num_heads=4, num_layers=2, max_seq_len=256, vocab_size=100, position_buckets=32,
                max_relative_positions=256),
     default_seq_len=lambda c: min(512, c.max_seq_len),

@@ -20,29 +20,22 @@ import torch
 from torch import nn
 
 from . import registry
-from .common import Encoder, PreLNBlock, check_positive, merge_heads, split_heads, token_inputs
+from .common import Encoder, EncoderConfig, PreLNBlock, check_length, check_positive, merge_heads, split_heads
 
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU}  # EA-ResNet uses ReLU, EA-DC-Transformer LeakyReLU
 
 
 @dataclass
-class EvolvingConfig:
-    vocab_size: int = 1000
+class EvolvingConfig(EncoderConfig):
     max_seq_len: int = 1024
-    hidden: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    mlp_ratio: int = 4
     alpha: float = 0.3  # weight of the convolution branch (EA-DC-Transformer's default)
     beta: float = 0.7  # weight of the previous layer's map (EA-DC-Transformer's default)
     activation: str = "relu"
     num_classes: int = 2
 
     def __post_init__(self):
-        check_positive(self, "vocab_size", "max_seq_len", "hidden", "num_layers", "num_heads", "mlp_ratio",
-                       "num_classes")
-        if self.hidden % self.num_heads:
-            raise ValueError(f"hidden ({self.hidden}) must be a multiple of num_heads ({self.num_heads})")
+        super().__post_init__()
+        check_positive(self, "num_classes")
         for name in ("alpha", "beta"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -98,17 +91,6 @@ def build(config: EvolvingConfig) -> EvolvingEncoder:
                                                            EvolvingAttention(config, i)), head="pooled")
 
 
-def check_seq_len(config: EvolvingConfig, seq_len: int) -> None:
-    if not 1 <= seq_len <= config.max_seq_len:
-        raise ValueError(f"Evolving Attention sequence length must be in [1, {config.max_seq_len}], got {seq_len}")
-
-
-def parity_seq_lens(config: EvolvingConfig) -> list[int]:
-    """100 and 256 tokens, or half and all of a shorter position table."""
-    m = config.max_seq_len
-    return [100, 256] if m >= 256 else sorted({max(1, m // 2), m})
-
-
 ENTRY = registry.register(registry.ZooEntry(
     name="evolving",
     paper="Wang et al., Evolving Attention with Residual Convolutions, ICML 2021",
@@ -117,10 +99,7 @@ ENTRY = registry.register(registry.ZooEntry(
                 "a [B, H, N, N] pre-softmax map to the next, so attention cannot run as a flash kernel",
     config_cls=EvolvingConfig,
     build=build,
-    example_inputs=lambda c, batch, seq_len: token_inputs(c.vocab_size, batch, seq_len),
-    dynamic_axes={"input_ids": {0: "batch", 1: "seq"}},
-    seq_len_rule=check_seq_len,
-    parity_seq_lens=parity_seq_lens,
+    seq_len_rule=lambda c, n: check_length(c, n, "Evolving Attention"),
     small=dict(hidden=64, num_heads=4, num_layers=3, max_seq_len=512, vocab_size=100),
     default_seq_len=lambda c: min(512, c.max_seq_len),
 ))

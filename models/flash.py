@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import registry
-from .common import Encoder, check_positive, t5_relative_buckets, token_inputs
+from .common import Encoder, check_length, check_positive, t5_relative_buckets, token_inputs
 
 T5_BUCKETS, T5_MAX_DISTANCE = 32, 128  # lucidrains' relative bias
 NORMS = ("scalenorm", "layernorm")
@@ -154,11 +154,6 @@ def build(config: FlashConfig) -> nn.Module:
     return Encoder(config, lambda i: FlashLayer(config, rotary), head="tokens")
 
 
-def check_seq_len(config: FlashConfig, seq_len: int) -> None:
-    if not 1 <= seq_len <= config.max_seq_len:
-        raise ValueError(f"FLASH sequence length must be in [1, {config.max_seq_len}], got {seq_len}")
-
-
 def parity_seq_lens(config: FlashConfig) -> list[int]:
     c, m = config.group_size, config.max_seq_len  # one length that needs padding, one that fills its chunks
     lengths = sorted({min(n, m) for n in (3 * c // 2 + 1, 3 * c)})
@@ -176,7 +171,7 @@ ENTRY = registry.register(registry.ZooEntry(
     build=build,
     example_inputs=lambda c, batch, seq_len: token_inputs(c.vocab_size, batch, seq_len),
     dynamic_axes={"input_ids": {0: "batch", 1: "seq"}},
-    seq_len_rule=check_seq_len,
+    seq_len_rule=lambda c, n: check_length(c, n, "FLASH"),
     parity_seq_lens=parity_seq_lens,
     small=dict(hidden=64, num_layers=2, query_key_dim=32, rotary_dim=16, group_size=32, max_seq_len=512,
                vocab_size=100),

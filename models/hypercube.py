@@ -22,26 +22,18 @@ import torch
 from torch import nn
 
 from . import registry
-from .common import Encoder, PreLNBlock, check_positive, merge_heads, split_heads, token_inputs
+from .common import Encoder, EncoderConfig, PreLNBlock, check_length, check_positive, merge_heads, split_heads
 
 
 @dataclass
-class HypercubeConfig:
-    vocab_size: int = 1000
-    max_seq_len: int = 4096
-    hidden: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    mlp_ratio: int = 4
+class HypercubeConfig(EncoderConfig):
     block_size: int = 16
     num_classes: int = 2
     seed: int = 0
 
     def __post_init__(self):
-        check_positive(self, "vocab_size", "max_seq_len", "hidden", "num_layers", "num_heads", "mlp_ratio",
-                       "block_size", "num_classes")
-        if self.hidden % self.num_heads:
-            raise ValueError(f"hidden ({self.hidden}) must be a multiple of num_heads ({self.num_heads})")
+        super().__post_init__()
+        check_positive(self, "block_size", "num_classes")
         if self.max_seq_len % self.block_size:
             raise ValueError(f"max_seq_len ({self.max_seq_len}) must be a multiple of block_size ({self.block_size})")
 
@@ -109,11 +101,7 @@ class HypercubeAttention(nn.Module):
 
 
 def check_seq_len(config: HypercubeConfig, seq_len: int) -> None:
-    b = config.block_size
-    if seq_len % b:
-        raise ValueError(f"Hypercube needs a sequence length that is a multiple of block_size {b}, got {seq_len}")
-    if not b <= seq_len <= config.max_seq_len:
-        raise ValueError(f"Hypercube sequence length must be in [{b}, {config.max_seq_len}], got {seq_len}")
+    check_length(config, seq_len, "Hypercube", config.block_size, "block_size", minimum=config.block_size)
 
 
 def parity_seq_lens(config: HypercubeConfig) -> list[int]:
@@ -130,8 +118,6 @@ ENTRY = registry.register(registry.ZooEntry(
                 "block to max_seq_len (the precomputed cube tables cover max_seq_len / block_size blocks)",
     config_cls=HypercubeConfig,
     build=lambda c: Encoder(c, lambda i: PreLNBlock(c.hidden, c.mlp_ratio, HypercubeAttention(c)), head="pooled"),
-    example_inputs=lambda c, batch, seq_len: token_inputs(c.vocab_size, batch, seq_len),
-    dynamic_axes={"input_ids": {0: "batch", 1: "seq"}},
     seq_len_rule=check_seq_len,
     parity_seq_lens=parity_seq_lens,
     small=dict(hidden=64, num_heads=4, num_layers=2, block_size=16, max_seq_len=512, vocab_size=100),

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import registry
-from .common import Encoder, PreLNBlock, check_positive, merge_heads, split_heads, token_inputs
+from .common import Encoder, EncoderConfig, PreLNBlock, check_length, check_positive, merge_heads, split_heads
 from .performer import causal_linear_attention
 
 KEYS = ("two_projections", "shifted_means")
@@ -40,13 +40,7 @@ ATTENTIONS = ("softmax", "linear")
 
 
 @dataclass
-class MGKConfig:
-    vocab_size: int = 1000
-    max_seq_len: int = 4096
-    hidden: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    mlp_ratio: int = 4
+class MGKConfig(EncoderConfig):
     num_classes: int = 2
     keys: str = "two_projections"
     attention: str = "softmax"
@@ -56,10 +50,8 @@ class MGKConfig:
     seed: int = 0
 
     def __post_init__(self):
-        check_positive(self, "vocab_size", "max_seq_len", "hidden", "num_layers", "num_heads", "mlp_ratio",
-                       "num_classes", "sigma_sq_scale_0", "sigma_sq_scale_1")
-        if self.hidden % self.num_heads:
-            raise ValueError(f"hidden ({self.hidden}) must be a multiple of num_heads ({self.num_heads})")
+        super().__post_init__()
+        check_positive(self, "num_classes", "sigma_sq_scale_0", "sigma_sq_scale_1")
         if self.keys not in KEYS:
             raise ValueError(f"keys must be one of {', '.join(KEYS)}, got '{self.keys}'")
         if self.attention not in ATTENTIONS:
@@ -135,11 +127,6 @@ class MGKAttention(nn.Module):
         return self.out(merge_heads(out))
 
 
-def check_seq_len(config: MGKConfig, seq_len: int) -> None:
-    if not 1 <= seq_len <= config.max_seq_len:
-        raise ValueError(f"MGK sequence length must be in [1, {config.max_seq_len}], got {seq_len}")
-
-
 ENTRY = registry.register(registry.ZooEntry(
     name="mgk",
     paper="Nguyen et al., Improving Transformers with Probabilistic Attention Keys, ICML 2022",
@@ -149,9 +136,6 @@ ENTRY = registry.register(registry.ZooEntry(
     config_cls=MGKConfig,
     build=lambda c: Encoder(c, lambda i: PreLNBlock(c.hidden, c.mlp_ratio, MGKAttention(c, i)),
                             head="tokens" if c.causal else "pooled"),
-    example_inputs=lambda c, batch, seq_len: token_inputs(c.vocab_size, batch, seq_len),
-    dynamic_axes={"input_ids": {0: "batch", 1: "seq"}},
-    seq_len_rule=check_seq_len,
-    parity_seq_lens=lambda c: [n for n in (100, 256) if n <= c.max_seq_len] or [c.max_seq_len],
+    seq_len_rule=lambda c, n: check_length(c, n, "MGK"),
     small=dict(hidden=64, num_heads=2, num_layers=2, max_seq_len=512, vocab_size=100),
 ))

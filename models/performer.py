@@ -18,29 +18,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import registry
-from .common import Encoder, PreLNBlock, check_positive, merge_heads, split_heads, token_inputs
+from .common import Encoder, EncoderConfig, PreLNBlock, check_length, check_positive, merge_heads, split_heads
 
 CHUNK = 64
 
 
 @dataclass
-class PerformerConfig:
-    vocab_size: int = 1000
+class PerformerConfig(EncoderConfig):
     max_seq_len: int = 8192
-    hidden: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    mlp_ratio: int = 4
     num_features: int = 64
     causal: bool = False
     eps: float = 1e-6
     seed: int = 0
 
     def __post_init__(self):
-        check_positive(self, "vocab_size", "max_seq_len", "hidden", "num_layers", "num_heads", "mlp_ratio",
-                       "num_features")
-        if self.hidden % self.num_heads:
-            raise ValueError(f"hidden ({self.hidden}) must be a multiple of num_heads ({self.num_heads})")
+        super().__post_init__()
+        check_positive(self, "num_features")
         if self.eps < 0:
             raise ValueError(f"eps must be >= 0, got {self.eps}")
 
@@ -107,11 +100,6 @@ class PerformerAttention(nn.Module):
         return self.out(merge_heads(out))
 
 
-def check_seq_len(config: PerformerConfig, seq_len: int) -> None:
-    if not 1 <= seq_len <= config.max_seq_len:
-        raise ValueError(f"Performer sequence length must be in [1, {config.max_seq_len}], got {seq_len}")
-
-
 ENTRY = registry.register(registry.ZooEntry(
     name="performer",
     paper="Choromanski et al., Rethinking Attention with Performers, ICLR 2021",
@@ -120,9 +108,6 @@ ENTRY = registry.register(registry.ZooEntry(
                 "frozen; causal form chunked in 64 tokens, any length",
     config_cls=PerformerConfig,
     build=lambda c: Encoder(c, lambda i: PreLNBlock(c.hidden, c.mlp_ratio, PerformerAttention(c, i)), head="tokens"),
-    example_inputs=lambda c, batch, seq_len: token_inputs(c.vocab_size, batch, seq_len),
-    dynamic_axes={"input_ids": {0: "batch", 1: "seq"}},
-    seq_len_rule=check_seq_len,
-    parity_seq_lens=lambda c: [n for n in (100, 256) if n <= c.max_seq_len] or [c.max_seq_len],
+    seq_len_rule=lambda c, n: check_length(c, n, "Performer"),
     small=dict(hidden=64, num_heads=4, num_layers=2, num_features=32, max_seq_len=512, vocab_size=100),
 ))

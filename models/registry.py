@@ -10,6 +10,18 @@ import torch
 from attn_export.errors import UserError
 
 
+def token_example_inputs(config, batch: int, seq_len: int) -> dict[str, torch.Tensor]:
+    from .common import token_inputs
+
+    return token_inputs(config.vocab_size, batch, seq_len)
+
+
+def token_parity_lengths(config) -> list[int]:
+    """100 and 256 tokens (neither a power of two nor a multiple of the other), or what the position table allows."""
+    lengths = [n for n in (100, 256) if n <= config.max_seq_len]
+    return lengths if len(lengths) > 1 else sorted({max(config.max_seq_len // 2, 1), config.max_seq_len})
+
+
 @dataclass(frozen=True)
 class ZooEntry:
     name: str
@@ -18,18 +30,19 @@ class ZooEntry:
     constraints: str  # which lengths, which axes are dynamic, and why
     config_cls: type
     build: Callable[[Any], torch.nn.Module]
-    # example_inputs(config, batch, seq_len) -> {input name: tensor}; the order is forward()'s order
-    example_inputs: Callable[[Any, int, int], dict[str, torch.Tensor]]
-    # {input name: {axis: symbol}}
-    dynamic_axes: dict[str, dict[int, str]]
     # seq_len_rule(config, seq_len) raises ValueError with the reason when a length is not allowed
     seq_len_rule: Callable[[Any, int], None]
+    # example_inputs(config, batch, seq_len) -> {input name: tensor}; the order is forward()'s order
+    example_inputs: Callable[[Any, int, int], dict[str, torch.Tensor]] = token_example_inputs
+    # {input name: {axis: symbol}}
+    dynamic_axes: dict[str, dict[int, str]] = dataclasses.field(
+        default_factory=lambda: {"input_ids": {0: "batch", 1: "seq"}})
     # two or more lengths at which parity is checked (one when the sequence axis is fixed)
-    parity_seq_lens: Callable[[Any], list[int]]
+    parity_seq_lens: Callable[[Any], list[int]] = token_parity_lengths
     # config overrides small enough for quick CPU checks (tests, examples); more than one layer and head
     small: dict[str, Any] = dataclasses.field(default_factory=dict)
     # the example length `zoo create` stores when none is given
-    default_seq_len: Callable[[Any], int] = lambda config: 1024
+    default_seq_len: Callable[[Any], int] = lambda config: min(1024, config.max_seq_len)
 
     def check_seq_len(self, config, seq_len: int) -> None:
         try:
@@ -75,7 +88,8 @@ def _coerce(value: Any, type_name: Any, key: str, arch: str):
     type_name = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", str(type_name))
     if not isinstance(value, str):
         expected = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(type_name)
-        if expected is not None and (not isinstance(value, expected) or (type_name == "int" and isinstance(value, bool))):
+        bool_for_int = type_name == "int" and isinstance(value, bool)
+        if expected is not None and (not isinstance(value, expected) or bool_for_int):
             raise UserError(f"{arch} config field '{key}' must be {type_name}, got {value!r}")
         return float(value) if type_name == "float" else value
     try:

@@ -35,19 +35,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import registry
-from .common import Encoder, PreLNBlock, check_positive, merge_heads, split_heads, t5_relative_buckets, token_inputs
+from .common import (Encoder, EncoderConfig, PreLNBlock, check_length, check_positive, merge_heads, split_heads,
+                     t5_relative_buckets)
 
 NUM_BUCKETS, MAX_DISTANCE = 32, 128  # T5 relative attention
 
 
 @dataclass
-class SpadeConfig:
-    vocab_size: int = 1000
-    max_seq_len: int = 4096
-    hidden: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    mlp_ratio: int = 4
+class SpadeConfig(EncoderConfig):
     radius: int = 127  # local attention sees |i - j| <= radius
     s4_every: int = 100  # S4 in the layers with index % s4_every == 0
     combine: str = "concat"  # or "add"
@@ -60,10 +55,8 @@ class SpadeConfig:
     seed: int = 0
 
     def __post_init__(self):
-        check_positive(self, "vocab_size", "max_seq_len", "hidden", "num_layers", "num_heads", "mlp_ratio",
-                       "s4_every", "n_state", "dt_min")
-        if self.hidden % self.num_heads:
-            raise ValueError(f"hidden ({self.hidden}) must be a multiple of num_heads ({self.num_heads})")
+        super().__post_init__()
+        check_positive(self, "s4_every", "n_state", "dt_min")
         if self.radius < 0:
             raise ValueError(f"radius must be >= 0, got {self.radius}")
         if self.n_state % 2:
@@ -219,12 +212,6 @@ def build(config: SpadeConfig) -> Encoder:
     return Encoder(config, block, head="tokens")
 
 
-def check_seq_len(config: SpadeConfig, seq_len: int) -> None:
-    if not 1 <= seq_len <= config.max_seq_len:
-        raise ValueError(f"SPADE sequence length must be in [1, {config.max_seq_len}] (the S4 kernel and position "
-                         f"table length), got {seq_len}")
-
-
 def parity_seq_lens(config: SpadeConfig) -> list[int]:
     bl = config.radius + 1  # several blocks, neither length a multiple of block_len when bl > 2
     return sorted({min(n, config.max_seq_len) for n in (2 * bl + 3, 5 * bl - 1)})
@@ -240,10 +227,7 @@ ENTRY = registry.register(registry.ZooEntry(
                 "padded keys are masked",
     config_cls=SpadeConfig,
     build=build,
-    example_inputs=lambda c, batch, seq_len: token_inputs(c.vocab_size, batch, seq_len),
-    dynamic_axes={"input_ids": {0: "batch", 1: "seq"}},
-    seq_len_rule=check_seq_len,
+    seq_len_rule=lambda c, n: check_length(c, n, "SPADE", why=" (the S4 kernel and position table length)"),
     parity_seq_lens=parity_seq_lens,
     small=dict(hidden=64, num_heads=4, num_layers=2, radius=15, n_state=16, max_seq_len=512, vocab_size=100),
-    default_seq_len=lambda c: min(1024, c.max_seq_len),
 ))

@@ -25,27 +25,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import registry
-from .common import Encoder, PreLNBlock, check_positive, token_inputs
+from .common import Encoder, EncoderConfig, PreLNBlock, check_length, check_positive
 from .vit import SelfAttention
 
 
 @dataclass
-class SwitchConfig:
-    vocab_size: int = 1000
+class SwitchConfig(EncoderConfig):
     max_seq_len: int = 1024
-    hidden: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    mlp_ratio: int = 4  # d_ff = mlp_ratio * hidden, for the dense FFNs and every expert
     num_experts: int = 8
     capacity_factor: float = 1.25
     moe_every: int = 2
 
     def __post_init__(self):
-        check_positive(self, "vocab_size", "max_seq_len", "hidden", "num_layers", "num_heads", "mlp_ratio",
-                       "num_experts", "capacity_factor", "moe_every")
-        if self.hidden % self.num_heads:
-            raise ValueError(f"hidden ({self.hidden}) must be a multiple of num_heads ({self.num_heads})")
+        super().__post_init__()
+        check_positive(self, "num_experts", "capacity_factor", "moe_every")
 
 
 def t5_ffn(hidden: int, d_ff: int) -> nn.Sequential:
@@ -99,17 +92,6 @@ class SwitchBlock(PreLNBlock):
         self.mlp = SwitchFFN(config) if sparse else t5_ffn(config.hidden, config.mlp_ratio * config.hidden)
 
 
-def check_seq_len(config: SwitchConfig, seq_len: int) -> None:
-    if not 1 <= seq_len <= config.max_seq_len:
-        raise ValueError(f"Switch sequence length must be in [1, {config.max_seq_len}], got {seq_len}")
-
-
-def parity_seq_lens(config: SwitchConfig) -> list[int]:
-    """100 and 256 tokens, or half and all of a shorter position table."""
-    m = config.max_seq_len
-    return [100, 256] if m >= 256 else sorted({max(1, m // 2), m})
-
-
 ENTRY = registry.register(registry.ZooEntry(
     name="switch",
     paper="Fedus, Zoph, Shazeer, Switch Transformers: Scaling to Trillion Parameter Models with Simple and "
@@ -121,10 +103,7 @@ ENTRY = registry.register(registry.ZooEntry(
                 "capacity are dropped (at inference too)",
     config_cls=SwitchConfig,
     build=lambda c: Encoder(c, lambda i: SwitchBlock(c, i), head="tokens"),
-    example_inputs=lambda c, batch, seq_len: token_inputs(c.vocab_size, batch, seq_len),
-    dynamic_axes={"input_ids": {0: "batch", 1: "seq"}},
-    seq_len_rule=check_seq_len,
-    parity_seq_lens=parity_seq_lens,
+    seq_len_rule=lambda c, n: check_length(c, n, "Switch"),
     small=dict(hidden=64, num_heads=4, num_layers=2, num_experts=4, max_seq_len=512, vocab_size=100),
     default_seq_len=lambda c: min(512, c.max_seq_len),
 ))

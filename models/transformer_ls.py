@@ -24,26 +24,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import registry
-from .common import Encoder, PreLNBlock, check_positive, merge_heads, split_heads, token_inputs
+from .common import Encoder, EncoderConfig, PreLNBlock, check_length, check_positive, merge_heads, split_heads
 
 
 @dataclass
-class TransformerLSConfig:
-    vocab_size: int = 1000
-    max_seq_len: int = 4096
-    hidden: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    mlp_ratio: int = 4
+class TransformerLSConfig(EncoderConfig):
     window_size: int = 8
     rank: int = 32
     num_classes: int = 2
 
     def __post_init__(self):
-        check_positive(self, "vocab_size", "max_seq_len", "hidden", "num_layers", "num_heads", "mlp_ratio",
-                       "window_size", "rank", "num_classes")
-        if self.hidden % self.num_heads:
-            raise ValueError(f"hidden ({self.hidden}) must be a multiple of num_heads ({self.num_heads})")
+        super().__post_init__()
+        check_positive(self, "window_size", "rank", "num_classes")
         if self.max_seq_len % self.window_size:
             raise ValueError(f"max_seq_len ({self.max_seq_len}) must be a multiple of window_size "
                              f"({self.window_size})")
@@ -101,12 +93,7 @@ class LongShortAttention(nn.Module):
 
 
 def check_seq_len(config: TransformerLSConfig, seq_len: int) -> None:
-    w = config.window_size
-    if seq_len % w:
-        raise ValueError(f"Transformer-LS needs a sequence length that is a multiple of window_size {w}, "
-                         f"got {seq_len}")
-    if not w <= seq_len <= config.max_seq_len:
-        raise ValueError(f"Transformer-LS sequence length must be in [{w}, {config.max_seq_len}], got {seq_len}")
+    check_length(config, seq_len, "Transformer-LS", config.window_size, "window_size", minimum=config.window_size)
 
 
 def parity_seq_lens(config: TransformerLSConfig) -> list[int]:
@@ -124,8 +111,6 @@ ENTRY = registry.register(registry.ZooEntry(
                 "(position table, constant window index table)",
     config_cls=TransformerLSConfig,
     build=lambda c: Encoder(c, lambda i: PreLNBlock(c.hidden, c.mlp_ratio, LongShortAttention(c)), head="pooled"),
-    example_inputs=lambda c, batch, seq_len: token_inputs(c.vocab_size, batch, seq_len),
-    dynamic_axes={"input_ids": {0: "batch", 1: "seq"}},
     seq_len_rule=check_seq_len,
     parity_seq_lens=parity_seq_lens,
     small=dict(hidden=64, num_heads=4, num_layers=2, window_size=8, rank=4, max_seq_len=512, vocab_size=100),

@@ -33,30 +33,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import registry
-from .common import Encoder, PreLNBlock, check_positive, merge_heads, split_heads, token_inputs
+from .common import Encoder, EncoderConfig, PreLNBlock, check_length, check_positive, merge_heads, split_heads
 
 FORMS = ("tf", "tc")
 MAX_TREE_HEIGHT = 16
 
 
 @dataclass
-class TreeformerConfig:
-    vocab_size: int = 1000
-    max_seq_len: int = 4096
-    hidden: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    mlp_ratio: int = 4
+class TreeformerConfig(EncoderConfig):
     tree_height: int = 4  # 2^4 = 16 leaves: about 64 keys per leaf at the default length 1024
     attention: str = "tf"  # "tf" (fine, keys in the query's leaf) or "tc" (coarse, aggregates along the path)
     num_classes: int = 2
     seed: int = 0
 
     def __post_init__(self):
-        check_positive(self, "vocab_size", "max_seq_len", "hidden", "num_layers", "num_heads", "mlp_ratio",
-                       "num_classes")
-        if self.hidden % self.num_heads:
-            raise ValueError(f"hidden ({self.hidden}) must be a multiple of num_heads ({self.num_heads})")
+        super().__post_init__()
+        check_positive(self, "num_classes")
         if not 1 <= self.tree_height <= MAX_TREE_HEIGHT:
             raise ValueError(f"tree_height must be in [1, {MAX_TREE_HEIGHT}], got {self.tree_height}")
         if self.attention not in FORMS:
@@ -138,11 +130,6 @@ class TreeformerAttention(nn.Module):
         return self.out(merge_heads(out))
 
 
-def check_seq_len(config: TreeformerConfig, seq_len: int) -> None:
-    if not 1 <= seq_len <= config.max_seq_len:
-        raise ValueError(f"Treeformer sequence length must be in [1, {config.max_seq_len}], got {seq_len}")
-
-
 ENTRY = registry.register(registry.ZooEntry(
     name="treeformer",
     paper="Madaan et al., Treeformer: Dense Gradient Trees for Efficient Attention Computation, ICLR 2023",
@@ -152,10 +139,6 @@ ENTRY = registry.register(registry.ZooEntry(
                 "depends on the data, so TF is exported as dense attention under a leaf-equality mask",
     config_cls=TreeformerConfig,
     build=lambda c: Encoder(c, lambda i: PreLNBlock(c.hidden, c.mlp_ratio, TreeformerAttention(c)), head="pooled"),
-    example_inputs=lambda c, batch, seq_len: token_inputs(c.vocab_size, batch, seq_len),
-    dynamic_axes={"input_ids": {0: "batch", 1: "seq"}},
-    seq_len_rule=check_seq_len,
-    parity_seq_lens=lambda c: sorted({max(1, min(100, c.max_seq_len // 2)), min(256, c.max_seq_len)}),
+    seq_len_rule=lambda c, n: check_length(c, n, "Treeformer"),
     small=dict(hidden=64, num_heads=4, num_layers=2, tree_height=2, max_seq_len=512, vocab_size=100),
-    default_seq_len=lambda c: min(1024, c.max_seq_len),
 ))
