@@ -51,6 +51,20 @@ class PreLNBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class SelfAttention(nn.Module):
+    """Standard multi-head self-attention with biased projections (ViT, Switch)."""
+
+    def __init__(self, hidden: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.query, self.key, self.value, self.out = (nn.Linear(hidden, hidden) for _ in range(4))
+
+    def forward(self, x):
+        q, k, v = (split_heads(p(x), self.num_heads) for p in (self.query, self.key, self.value))
+        scores = q @ k.transpose(-1, -2) * (1.0 / math.sqrt(q.shape[-1]))
+        return self.out(merge_heads(torch.softmax(scores, -1) @ v))
+
+
 class TokenEmbedding(nn.Module):
     def __init__(self, vocab_size: int, max_seq_len: int, hidden: int):
         super().__init__()

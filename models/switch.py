@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import registry
-from .common import Encoder, EncoderConfig, PreLNBlock, check_length, check_positive
-from .vit import SelfAttention
+from .common import Encoder, EncoderConfig, PreLNBlock, SelfAttention, check_length, check_positive
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import registry
-from .common import PreLNBlock, check_positive, merge_heads, split_heads
+from .common import PreLNBlock, SelfAttention, check_positive
 
 LN_EPS = 1e-6
 CHANNELS = 3
@@ -47,20 +47,6 @@ class ViTConfig:
     def num_tokens(self) -> int:
         """Np + 1: the patches and the cls token."""
         return (self.image_size // self.patch_size) ** 2 + 1
-
-
-class SelfAttention(nn.Module):
-    """Standard multi-head self-attention with biased projections (switch.py uses it too)."""
-
-    def __init__(self, hidden: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.query, self.key, self.value, self.out = (nn.Linear(hidden, hidden) for _ in range(4))
-
-    def forward(self, x):
-        q, k, v = (split_heads(p(x), self.num_heads) for p in (self.query, self.key, self.value))
-        scores = q @ k.transpose(-1, -2) * (1.0 / math.sqrt(q.shape[-1]))
-        return self.out(merge_heads(torch.softmax(scores, -1) @ v))
 
 
 class ViT(nn.Module):

@@ -8,7 +8,7 @@ from attn_export.errors import UserError
 from attn_export.export import export_onnx
 from conftest import small_config
 from models.common import split_heads
-from models.vit import SelfAttention
+from models.common import SelfAttention
 
 
 def test_patch_embedding_equals_unfold_and_linear():
