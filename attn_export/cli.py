@@ -142,7 +142,7 @@ def fuse_cmd(model, output, report_path, strict):
               help="A graph to check against the torch model (repeatable).")
 @click.option("--atol", type=float, help="Absolute tolerance (default: by dtype, 1e-4 for float32).")
 @click.option("--rtol", type=float, help="Relative tolerance (default: by dtype, 1e-3 for float32).")
-@click.option("--seq-len", "seq_lens", multiple=True, type=int,
+@click.option("--seq-len", "seq_lens", multiple=True, type=click.IntRange(min=1),
               help="Sequence length(s) to check at (default: the model's parity lengths).")
 def check_cmd(models, graphs, atol, rtol, seq_lens):
     """Compare outputs: a torch model against each --onnx graph, or ONNX graphs against the first one.
@@ -220,6 +220,124 @@ def build_cmd(model, out_dir, exporter, static, atol, rtol, strict, no_engine):
     click.echo(f"engine: {engine['path']}" if engine["path"] else f"engine: not built: {engine['reason']}")
     click.echo(f"wrote {out_dir / 'model.onnx'}, {out_dir / 'model.fused.onnx'}, {out_dir / 'report.json'}")
     if strict and not result.ok:
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------------- bench
+def _int_list(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"{option} takes comma-separated integers, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{option} takes positive integers, got '{text}'")
+    return values
+
+
+@cli.command("bench")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--backends", default="torch,onnxruntime", show_default=True,
+              help="Comma-separated: torch (eager), onnxruntime (reference and fused graphs), tensorrt (engine).")
+@click.option("--seq-lens", help="Comma-separated lengths [default: 1024,4096 where the model allows them].")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="fp16/bf16 need a GPU (torch eager, tensorrt).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed calls before timing.")
+@click.option("--iters", type=int, default=20, show_default=True, help="Timed calls per backend and length.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the records as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a PNG of median latency against sequence length.")
+def bench_cmd(model, backends, seq_lens, batch, dtype, device, warmup, iters, json_path, plot_path):
+    """Time MODEL on each backend at each sequence length: latency min/mean/median/p90/p95/p99, throughput, memory.
+
+    \b
+      attn-export bench model.pt --backends torch,onnxruntime --seq-lens 1024,4096 --json bench.json --plot bench.png
+    On CUDA, torch and TensorRT are timed with inputs already on the GPU (trtexec: GPU Compute Time, no transfers);
+    onnxruntime takes host arrays (copies included). CUDA graphs are not used.
+    """
+    import tempfile
+
+    from rich.progress import Progress
+
+    from . import api, bench
+    from .atomic import write_json
+    from .loading import load_model
+    from .report import bench_table, console
+
+    backend_names = [b.strip() for b in backends.split(",") if b.strip()]
+    if batch < 1 or warmup < 0 or iters < 1:
+        raise UserError("--batch and --iters must be at least 1, --warmup at least 0")
+    device = bench.resolve_device(device)
+    bench.check_request(backend_names, dtype, device)
+    loaded = load_model(model)
+    lengths = _int_list(seq_lens, "--seq-lens")
+    if lengths is None:
+        lengths = [n for n in (1024, 4096) if _allowed(loaded, n)] or [loaded.example_seq_len]
+    for n in lengths:
+        loaded.check_seq_len(n)
+    if not loaded.dynamic_axes and lengths != [loaded.example_seq_len]:
+        raise UserError(f"{model}: the sequence axis is fixed at {loaded.example_seq_len}; bench that length only")
+
+    def inputs_for(n):
+        return {k: v.numpy() for k, v in loaded.example_inputs(seq_len=n, batch=batch).items()}
+
+    with tempfile.TemporaryDirectory(prefix="attn-export-bench-") as workdir, Progress(console=console) as progress:
+        task = progress.add_task("preparing", total=None)
+        cases = []
+        if "torch" in backend_names:
+            cases.append(bench.torch_case(loaded.module, loaded.input_names, device, dtype))
+        if "onnxruntime" in backend_names or "tensorrt" in backend_names:
+            progress.update(task, description="exporting and fusing")
+            reference = api.export(loaded.module, loaded.example_inputs(), Path(workdir) / "model.onnx",
+                                   dynamic_axes=loaded.dynamic_axes or None, probe_shapes=_probe_shapes(loaded, False))
+            fused, _ = api.fuse(reference)
+            if "onnxruntime" in backend_names:
+                cases += [bench.onnxruntime_case(reference, "model.onnx", device),
+                          bench.onnxruntime_case(fused, "model.fused.onnx", device)]
+            if "tensorrt" in backend_names:
+                progress.update(task, description="building the TensorRT engine")
+                shapes = [{k: tuple(v.shape) for k, v in inputs_for(n).items()} for n in lengths]
+                cases.append(bench.tensorrt_case(fused, workdir, shapes, dtype))
+        progress.update(task, total=len(cases) * len(lengths))
+        records = bench.run_benchmark(cases, inputs_for, lengths, batch, dtype, warmup, iters,
+                                      started=lambda label: progress.update(task, description=label),
+                                      finished=lambda: progress.advance(task))
+        progress.update(task, description="done")
+    console.print(bench_table(records))
+    title = f"{loaded.arch or model.name}, batch {batch}, {dtype}, {device}"
+    if json_path:
+        write_json(json_path, {"model": str(model), "records": [r.as_dict() for r in records]})
+        click.echo(f"wrote {json_path}")
+    if plot_path:
+        bench.write_plot(records, plot_path, title)
+        click.echo(f"wrote {plot_path}")
+
+
+def _allowed(loaded, seq_len: int) -> bool:
+    try:
+        loaded.check_seq_len(seq_len)
+    except UserError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------- doctor
+@cli.command("doctor")
+@click.option("--require", "required", multiple=True, type=click.Choice(["tensorrt", "cuda", "plugins"]),
+              help="Exit 1 unless this piece works here (repeatable).")
+def doctor_cmd(required):
+    """The environment on one screen: torch, onnxruntime and its providers, TensorRT, CUDA and the GPU, the
+    plugin library and the creators it registers. Exit 1 when torch, onnx or onnxruntime is broken, or when a
+    piece named with --require does not work."""
+    from .doctor import diagnose, report_lines, unmet
+
+    findings = diagnose()
+    for line in report_lines(findings, tuple(required)):
+        click.echo(line)
+    if unmet(findings, tuple(required)):
         sys.exit(1)
 
 

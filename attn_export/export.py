@@ -11,6 +11,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from . import external_data
 from .atomic import atomic_path
 from .errors import UserError
 
@@ -51,27 +52,39 @@ def export_onnx(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor]
 
 
 def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
-    """Write atomically; one file (our zoo models are far below protobuf's 2 GiB limit)."""
+    """Write atomically: one file, or, for graphs over protobuf's 2 GiB limit, the file plus one data file
+    beside it (see external_data). `model` is not changed."""
     path = Path(path)
-    if model.ByteSize() >= 2**31 - 1:
-        raise UserError(f"{path}: the model is over 2 GiB, which needs external data (not supported yet)")
+    if model.ByteSize() >= external_data.PROTOBUF_LIMIT:
+        external_data.save_with_external_data(model, path)
+        return path
     with atomic_path(path) as tmp:
-        onnx.save(model, str(tmp))
+        tmp.write_bytes(model.SerializeToString())
+    external_data.remove_stale_data_files(path)  # a data file an earlier, larger graph of this name used
     return path
 
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """Read an ONNX model and its external data (from files inside its folder only) and check it; every
+    problem is a one-line UserError naming the file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: no such file")
+    if not path.is_file():
+        raise UserError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: empty file")
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
+    except Exception as e:  # protobuf's DecodeError and friends
         raise UserError(f"{path}: not a readable ONNX model ({_first_line(e)})") from None
     if not model.graph.node and not model.graph.output:
         raise UserError(f"{path}: not an ONNX model (empty graph)")
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        raise UserError(f"{path}: models with external data are not supported yet")
+    external_data.load_external_data(model, path)
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:  # ValidationError, or a checker failure on nonsense fields
+        raise UserError(f"{path}: not a valid ONNX model ({_first_line(e)[:300]})") from None
     return model
 
 

@@ -2,8 +2,10 @@
 
 A zoo checkpoint is a plain dict (format tag, architecture name, config values, example sizes, state dict) read
 with torch.load(weights_only=True), which refuses any pickled object other than tensors and plain data; the
-module is rebuilt from the zoo's own code. A torch.export program (.pt2) is checked before and after
-torch.export.load, because torch.export.load is not safe on its own (see _vet_pt2_archive).
+module is rebuilt from the zoo's own code, first on the meta device under a memory budget so that a config the
+weights do not fit (hidden=10**9 in a 1 MB file) is refused before any memory is spent on it. A torch.export
+program (.pt2) is checked before and after torch.export.load, because torch.export.load is not safe on its own
+(see _vet_pt2_archive).
 
 Every failure is a UserError "<file>: <problem>" on one line.
 """
@@ -28,6 +30,7 @@ from typing import Any
 
 import sympy
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from attn_export.atomic import atomic_path
 from attn_export.errors import UserError
@@ -36,6 +39,9 @@ from models import registry
 ZOO_FORMAT = "attn-export/zoo-checkpoint"
 ZOO_FORMAT_VERSION = 1
 EXAMPLE_SEED = 0
+MAX_EXAMPLE_BATCH = 1024  # a checkpoint's example batch; larger ones are more likely damage than intent
+# a config may ask for at most this much more memory than the checkpoint's own weights (buffers, rounding)
+BUILD_SLACK_BYTES = 256 << 20
 REFUSED_PICKLE = ("refusing to load: it contains Python objects other than tensors and plain data (pickled code?); "
                   "attn-export reads only zoo checkpoints and torch.export programs")
 
@@ -200,6 +206,8 @@ def save_zoo_checkpoint(path, arch: str, config, state_dict, batch: int, seq_len
     values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     if not _plain(values):
         raise ValueError(f"{arch} config holds values that are not plain data: {values!r}")
+    if not 1 <= batch <= MAX_EXAMPLE_BATCH:
+        raise UserError(f"the example batch must be in [1, {MAX_EXAMPLE_BATCH}], got {batch}")
     payload = {
         "format": ZOO_FORMAT,
         "format_version": ZOO_FORMAT_VERSION,
@@ -228,26 +236,76 @@ def _load_zoo(path: Path, obj) -> LoadedModel:
     arch, values, example, state_dict = obj.get("arch"), obj.get("config"), obj.get("example"), obj.get("state_dict")
     if not isinstance(arch, str) or not isinstance(values, dict):
         raise _LoadError("malformed checkpoint: 'arch' must be a string and 'config' a dict")
-    if not (isinstance(example, dict) and _positive_int(example.get("batch")) and _positive_int(example.get("seq_len"))):
+    if not (isinstance(example, dict) and all(_positive_int(example.get(k)) for k in ("batch", "seq_len"))):
         raise _LoadError("malformed checkpoint: 'example' must hold positive integers 'batch' and 'seq_len'")
+    if example["batch"] > MAX_EXAMPLE_BATCH:
+        raise _LoadError(f"malformed checkpoint: example batch {example['batch']} is over {MAX_EXAMPLE_BATCH}")
     if not (isinstance(state_dict, dict) and all(isinstance(v, torch.Tensor) for v in state_dict.values())):
         raise _LoadError("malformed checkpoint: 'state_dict' must map names to tensors")
 
     entry = registry.get(arch)
     config = registry.config_from_dict(entry.config_cls, values, arch)
+    planned = _planned_shapes(entry, config, arch, state_dict)
+    if planned is not None:  # the weights must fit the config before any real memory is spent on it
+        _check_state_dict(planned, state_dict, arch)
     try:
         module = entry.build(config)
     except ValueError as e:
         raise _LoadError(f"invalid {arch} config: {e}") from None
+    except (RuntimeError, MemoryError) as e:  # e.g. an allocation the machine cannot make
+        raise _LoadError(f"cannot build {arch} with this config: {_one_line(e)[:200]}") from None
     _load_state_dict(module, state_dict, arch)
     module.eval()
     batch, seq_len = example["batch"], example["seq_len"]
     entry.check_seq_len(config, seq_len)
     with _seeded():
-        input_names = list(entry.example_inputs(config, batch, seq_len))
+        input_names = list(entry.example_inputs(config, 1, seq_len))  # names only: batch 1 is enough
     return LoadedModel(module=module, arch=arch, config=config, entry=entry, source=path,
                        input_names=input_names, dynamic_axes={k: dict(v) for k, v in entry.dynamic_axes.items()},
                        example_batch=batch, example_seq_len=seq_len)
+
+
+class _OverBudget(Exception):
+    pass
+
+
+class _AllocationBudget(TorchDispatchMode):
+    """Adds up the bytes of the new tensors a build creates and stops it once they pass `limit`."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit, self.total = limit, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        schema = getattr(func, "_schema", None)
+        if schema is None or not any(r.alias_info for r in schema.returns):  # views, in-place ops: no new memory
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.total += t.numel() * t.element_size()
+            if self.total > self.limit:
+                raise _OverBudget()
+        return out
+
+
+def _planned_shapes(entry, config, arch: str, state_dict: dict) -> dict[str, tuple] | None:
+    """The state dict shapes this config builds, found on the meta device (no memory, no random numbers), with
+    a budget: a config that asks for far more memory than the checkpoint holds (a damaged or hostile value such
+    as hidden=10**9) is refused before it is built. None when the model code cannot build on the meta device."""
+    held = sum(t.numel() * t.element_size() for t in state_dict.values())
+    budget = _AllocationBudget(2 * held + BUILD_SLACK_BYTES)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"), budget:  # leaves the caller's RNG alone
+            module = entry.build(config)
+    except ValueError as e:
+        raise _LoadError(f"invalid {arch} config: {e}") from None
+    except _OverBudget:
+        raise _LoadError(f"the {arch} config asks for more than {budget.limit / 2**20:,.0f} MiB of weights and "
+                         f"buffers, while the checkpoint holds {held / 2**20:,.1f} MiB: config and weights do not "
+                         "match") from None
+    except Exception:
+        return None  # model code that needs real tensors to build: the real build and its checks decide
+    return {name: tuple(t.shape) for name, t in module.state_dict().items()}
 
 
 def _few(names: list[str], limit: int = 3) -> str:
@@ -255,12 +313,12 @@ def _few(names: list[str], limit: int = 3) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _load_state_dict(module: torch.nn.Module, state_dict: dict, arch: str) -> None:
-    expected = module.state_dict()
+def _check_state_dict(expected: dict[str, tuple], state_dict: dict, arch: str) -> None:
+    """Names and shapes of the checkpoint's tensors against those the config builds."""
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
-    reshaped = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
-                for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    reshaped = [f"{k} {tuple(state_dict[k].shape)} vs {expected[k]}"
+                for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
     problems = []
     if missing:
         problems.append(f"missing {_few(missing)}")
@@ -270,6 +328,10 @@ def _load_state_dict(module: torch.nn.Module, state_dict: dict, arch: str) -> No
         problems.append(f"shape {_few(reshaped)}")
     if problems:
         raise _LoadError(f"state dict does not match {arch} with this config: {'; '.join(problems)}")
+
+
+def _load_state_dict(module: torch.nn.Module, state_dict: dict, arch: str) -> None:
+    _check_state_dict({k: tuple(v.shape) for k, v in module.state_dict().items()}, state_dict, arch)
     try:
         module.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:

@@ -1,5 +1,6 @@
 """model.pt loading: zoo checkpoints and torch.export programs round-trip; everything else is refused in one
 line that names the file, and nothing in a hostile file gets to run."""
+import dataclasses
 import io
 import json
 import pickle
@@ -226,6 +227,14 @@ def make_bad_example_length(path):
     torch.save(raw_checkpoint(example={"batch": 2, "seq_len": 10}), path)
 
 
+def make_huge_example_batch(path):
+    torch.save(raw_checkpoint(example={"batch": 10**9, "seq_len": 8}), path)
+
+
+def make_config_far_bigger_than_weights(path):
+    torch.save(raw_checkpoint(config={"hidden": 10**7}), path)
+
+
 def make_missing_weight(path):
     state = Tiny(TinyConfig()).state_dict()
     del state["proj.bias"]
@@ -264,6 +273,9 @@ BAD_FILES = [
     (make_unknown_config_field, "tiny-test has no config field 'depth'"),
     (make_bad_example, "'example' must hold positive integers"),
     (make_bad_example_length, "tiny needs a multiple of 4, got 10"),
+    (make_huge_example_batch, "example batch 1000000000 is over 1024"),
+    (make_config_far_bigger_than_weights, "the tiny-test config asks for more than 256 MiB of weights and buffers, "
+                                          "while the checkpoint holds 0.0 MiB: config and weights do not match"),
     (make_missing_weight, "state dict does not match tiny-test with this config: missing proj.bias"),
     (make_extra_weight, "state dict does not match tiny-test with this config: unexpected head.weight"),
     (make_wrong_shape, "shape embed.weight (16, 8) vs (32, 8)"),
@@ -281,6 +293,63 @@ def test_bad_files_are_one_line_user_errors(tmp_path, make, expected):
     assert "\n" not in message
     assert expected in message
     assert not path.with_suffix(".marker").exists(), "the loader ran code from the file"
+
+
+def with_build(monkeypatch, build):
+    monkeypatch.setitem(registry.ZOO, ARCH, dataclasses.replace(TINY, build=build))
+
+
+def test_weights_are_checked_against_the_config_before_anything_real_is_built(tmp_path, monkeypatch):
+    devices = []
+
+    def recording_build(config):
+        module = Tiny(config)
+        devices.append(module.proj.weight.device.type)
+        return module
+
+    with_build(monkeypatch, recording_build)
+    torch.save(raw_checkpoint(config={"hidden": 10**7}), tmp_path / "huge.pt")
+    with pytest.raises(UserError, match="config and weights do not match"):
+        load_model(tmp_path / "huge.pt")
+    torch.save(raw_checkpoint(config={"hidden": 16}), tmp_path / "other.pt")
+    with pytest.raises(UserError, match=r"shape embed.weight \(32, 8\) vs \(32, 16\)"):
+        load_model(tmp_path / "other.pt")
+    assert devices and set(devices) == {"meta"}, "a mismatched config must never be built for real"
+    tiny_checkpoint(tmp_path / "good.pt")
+    devices.clear()
+    load_model(tmp_path / "good.pt")
+    assert devices == ["meta", "cpu"]
+
+
+def test_model_code_that_cannot_build_on_meta_still_loads(tmp_path, monkeypatch):
+    def needs_real_tensors(config):
+        torch.ones(1).item()  # .item() has no meta-device answer
+        return Tiny(config)
+
+    with_build(monkeypatch, needs_real_tensors)
+    model = tiny_checkpoint(tmp_path / "model.pt").eval()
+    loaded = load_model(tmp_path / "model.pt")
+    inputs = loaded.example_inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded.module(*inputs.values()), model(*inputs.values()))
+
+
+def test_a_build_that_fails_is_one_line(tmp_path, monkeypatch):
+    def out_of_memory(config):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 TB\nmore detail")
+
+    tiny_checkpoint(tmp_path / "model.pt")
+    with_build(monkeypatch, out_of_memory)
+    with pytest.raises(UserError) as info:
+        load_model(tmp_path / "model.pt")
+    assert str(info.value) == (f"{tmp_path / 'model.pt'}: cannot build tiny-test with this config: "
+                               "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 TB more detail")
+
+
+def test_saving_refuses_an_example_batch_out_of_range(tmp_path):
+    with pytest.raises(UserError, match=r"the example batch must be in \[1, 1024\], got 5000"):
+        tiny_checkpoint(tmp_path / "model.pt", batch=5000)
+    assert not list(tmp_path.iterdir())
 
 
 # -------------------------------------------------------------------------------------- torch.export
@@ -337,7 +406,8 @@ def test_pt2_round_trip(tagger_pt2):
 def test_pt2_lengths_outside_the_range_are_user_errors(tagger_pt2):
     path = tagger_pt2[0]
     loaded = load_model(path)
-    with pytest.raises(UserError, match=r"sequence length 100 is not possible: the program allows s\d+ with s\d+ in \[4, 64\]"):
+    allowed = r"sequence length 100 is not possible: the program allows s\d+ with s\d+ in \[4, 64\]"
+    with pytest.raises(UserError, match=allowed):
         loaded.example_inputs(seq_len=100)
     with pytest.raises(UserError, match="fixed batch of 2"):
         loaded.example_inputs(batch=3)

@@ -7,6 +7,7 @@ targets the TensorRT 10.3 Python API (JetPack 6.1/6.2, the oldest release with I
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -54,7 +55,8 @@ def tensorrt_status() -> tuple[bool, str]:
     except Exception:
         gpu = False
     if not gpu:
-        return False, f"TensorRT {version} is installed but torch sees no CUDA GPU (a CUDA build of torch and an NVIDIA GPU are needed)"
+        return False, (f"TensorRT {version} is installed but torch sees no CUDA GPU (a CUDA build of torch and an "
+                       "NVIDIA GPU are needed)")
     return True, f"TensorRT {version}"
 
 
@@ -232,9 +234,7 @@ def build_engine(
         detail = "; ".join(logger.errors[-3:]) or "see the TensorRT log above"
         raise UserError(f"{fused_onnx}: TensorRT failed to build the engine: {detail}")
 
-    write_bytes(engine_path, bytes(memoryview(serialized)))
-    write_json(engine_path.with_suffix(".json"), {
-        "engine": engine_path.name,
+    _write_engine(engine_path, bytes(memoryview(serialized)), {
         "onnx": str(fused_onnx),
         "tensorrt_version": trt.__version__,
         **_environment(),
@@ -245,6 +245,23 @@ def build_engine(
                       for name, (lo, opt, hi) in shapes.items()} for shapes in profiles],
     })
     return engine_path
+
+
+def manifest_path(engine_path: Path) -> Path:
+    return Path(engine_path).with_suffix(".json")
+
+
+def _write_engine(engine_path: Path, engine: bytes, details: dict) -> None:
+    """The engine, then its manifest, each written atomically. The old manifest goes first and the new one
+    records the engine's size and sha256, so a run killed in between never leaves a manifest describing
+    another engine: a manifest that exists matches the engine beside it."""
+    try:
+        manifest_path(engine_path).unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"{manifest_path(engine_path)}: cannot replace it: {e.strerror or e}") from None
+    write_bytes(engine_path, engine)
+    write_json(manifest_path(engine_path), {"engine": engine_path.name, "engine_bytes": len(engine),
+                                            "engine_sha256": hashlib.sha256(engine).hexdigest(), **details})
 
 
 def _torch_dtype(trt, data_type):

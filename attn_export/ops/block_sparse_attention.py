@@ -49,9 +49,11 @@ def reference(query, key, value, block_index, *, num_heads=1, block_size=64, sca
     block_mask = block_mask | is_global[None, :, None]
     mask = block_mask.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)
 
+    # float32 throughout: fp16 products of large activations overflow 65504 (and exp does long before)
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, -1).nan_to_num(0.0)
+    # a row that sees no key is 0/0 in softmax: zeros instead (NaN in the inputs still shows as NaN)
+    probs = torch.softmax(scores, -1).masked_fill(~mask.any(-1, keepdim=True), 0.0)
     out = (probs @ v.float()).to(query.dtype)
     return out.transpose(1, 2).reshape(batch, n, heads * d)
 
@@ -61,6 +63,9 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
     query, key, value, block_index = inputs
     heads, bs, g = attrs["num_heads"], attrs["block_size"], attrs["global_blocks"]
     q, k, v = (b.split_heads(t, heads) for t in (query, key, value))  # [B,H,N,D]
+    dtype_ref = q
+    # scores, softmax and sums in float32, as the reference: fp16 q.k of large activations overflows 65504
+    q, k, v = (b.op("Cast", t, to=1) for t in (q, k, v))
     shape = b.op("Shape", q)
     head_dim = b.dim(shape, 3)
     scale = attrs["scale"]
@@ -68,7 +73,6 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
         scale_t = b.const(scale, np.float32)
     else:
         scale_t = b.op("Reciprocal", b.op("Sqrt", b.op("Cast", head_dim, to=1)))
-    scale_t = b.op("CastLike", scale_t, q)
 
     blocked = b.op("Concat", b.dim(shape, 0), b.dim(shape, 1), b.const([-1, bs]), head_dim, axis=0)
     qb, kb, vb = (b.op("Reshape", t, blocked) for t in (q, k, v))  # [B,H,nb,bs,D]
@@ -86,7 +90,8 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
     visible = b.op("And", valid, b.op("Not", dup_any))  # [H,nb,m]
 
     # gather the listed key/value blocks through a flat (head, block) index
-    clamped = b.op("Max", table, b.const(0))
+    # entries outside [0, nb) are not visible (masked below) but must still be gatherable
+    clamped = b.op("Min", b.op("Max", table, b.const(0)), b.op("Sub", nb, b.const(1)))
     head_offset = b.op("Mul", b.const(np.arange(heads).reshape(heads, 1, 1)), nb)
     flat_index = b.op("Add", clamped, head_offset)
     flat_shape = b.op("Concat", b.dim(shape, 0), b.const([-1, bs]), head_dim, axis=0)
@@ -98,8 +103,12 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
     key_visible = b.op("Expand", b.unsqueeze(visible, [-1]),
                        b.op("Concat", b.const([heads]), nb, m, b.const([bs]), axis=0))
     key_visible = b.op("Reshape", key_visible, b.op("Concat", b.const([heads]), nb, b.const([1, -1]), axis=0))
-    neg_inf = b.op("CastLike", b.const(-np.inf, np.float32), scores)
-    probs = _safe_softmax(b, b.op("Where", key_visible, scores, neg_inf))
+    neg_inf = b.const(-np.inf, np.float32)
+    probs = b.op("Softmax", b.op("Where", key_visible, scores, neg_inf), axis=-1)
+    # rows that see no key: softmax gives NaN (0/0); the op gives zeros
+    row_visible = b.op("Greater", b.reduce("ReduceMax", b.op("Cast", visible, to=1), [-1]), b.const(0.0, np.float32))
+    row_visible = b.op("Reshape", row_visible, b.op("Concat", b.const([heads]), nb, b.const([1, 1]), axis=0))
+    probs = b.op("Where", row_visible, probs, b.const(0.0, np.float32))
     out_blocks = b.op("MatMul", probs, vg)  # [B,H,nb,bs,D]
 
     if g:
@@ -111,7 +120,8 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
                       b.op("Slice", qb, last_start, nb, b.const([2])), axis=2)
         rows_shape = b.op("Concat", b.dim(shape, 0), b.dim(shape, 1), b.const([-1]), head_dim, axis=0)
         q_rows = b.op("Reshape", q_rows, rows_shape)
-        dense = b.op("MatMul", _safe_softmax(b, b.op("Mul", b.op("MatMul", q_rows, b.transpose_last(k, 4)), scale_t)), v)
+        dense_scores = b.op("Mul", b.op("MatMul", q_rows, b.transpose_last(k, 4)), scale_t)
+        dense = b.op("MatMul", b.op("Softmax", dense_scores, axis=-1), v)  # every key visible: no empty row
         dense = b.op("Reshape", dense, blocked)  # [B,H,rows,bs,D]
         n_first = b.op("Shape", b.op("Slice", qb, zero, first_end, b.const([2])))
         dense_first = b.op("Slice", dense, zero, b.dim(n_first, 2), b.const([2]))
@@ -119,13 +129,7 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
         middle = b.op("Slice", out_blocks, first_end, last_start, b.const([2]))
         out_blocks = b.op("Concat", dense_first, middle, dense_last, axis=2)
 
-    b.merge_heads(b.op("Reshape", out_blocks, b.op("Shape", q)), outputs[0])
-
-
-def _safe_softmax(b: OnnxBuilder, scores: str) -> str:
-    """Softmax over the last axis with rows that see no key set to zero instead of NaN."""
-    probs = b.op("Softmax", scores, axis=-1)
-    return b.op("Where", b.op("IsNaN", probs), b.op("CastLike", b.const(0.0, np.float32), probs), probs)
+    b.merge_heads(b.op("CastLike", b.op("Reshape", out_blocks, b.op("Shape", q)), dtype_ref), outputs[0])
 
 
 def output_shapes(input_shapes, attrs):

@@ -162,7 +162,8 @@ def _causal_sums(b: OnnxBuilder, phi_q: str, phi_k: str, v: str):
 
 
 def output_shapes(input_shapes, attrs):
-    return [tuple(input_shapes[0])]
+    (batch, n, _), (_, _, value_width) = input_shapes[0], input_shapes[2]
+    return [(batch, n, value_width)]  # [B, N, H*Dv]: the value's head dim, not the query's
 
 
 CONTRACT = OpContract(

@@ -1,0 +1,1 @@
+"""Bad inputs for tests/test_corpus.py (see README.md)."""
