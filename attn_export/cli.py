@@ -350,8 +350,9 @@ def main(argv=None):
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # bad usage: one line, like every other user error
+        hint = f" (see 'attn-export {e.ctx.command_path.split(' ', 1)[-1]} --help')" if getattr(e, "ctx", None) else ""
+        click.echo(f"error: {e.format_message()}{hint}", err=True)
         sys.exit(2)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

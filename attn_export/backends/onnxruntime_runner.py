@@ -18,7 +18,7 @@ class OnnxRuntimeRunner(Runner):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # errors reach the user as one line of ours
         try:
             self.session = ort.InferenceSession(with_function_bodies(model).SerializeToString(), options,
                                                 providers=providers or ["CPUExecutionProvider"])

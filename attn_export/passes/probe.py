@@ -66,7 +66,7 @@ def run_all_tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dic
                 known.add(out)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors reach the user as one line of ours
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     values = dict(zip(names, session.run(names, feeds)))
