@@ -19,9 +19,6 @@ from .passes import FusionReport, fuse_graph
 from .passes.probe import probe_shapes, random_inputs
 
 
-STALE_OUTPUTS = ("model.fused.onnx", "report.json", "model.plan", "model.json")
-
-
 @dataclass
 class ParityResult:
     backend: str
@@ -110,8 +107,6 @@ def build(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], out_
     """export -> fuse -> parity (torch vs both graphs on onnxruntime) -> TensorRT engine where TensorRT exists.
     Writes out_dir/model.onnx, model.fused.onnx and report.json."""
     out_dir = Path(out_dir)
-    for stale in STALE_OUTPUTS:  # a failed rebuild must not leave the previous run's files beside the new ones
-        (out_dir / stale).unlink(missing_ok=True)
     parity_inputs = parity_inputs or [("example", example_inputs)]
     shapes = [{name: list(t.shape) for name, t in inputs.items()} for _, inputs in parity_inputs]
     if len(shapes) < 2:
