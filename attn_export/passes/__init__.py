@@ -6,14 +6,16 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from . import block_sparse, linear_attention
+from . import block_sparse, dense_attention, linear_attention
 from .framework import LayerResult, NotFused, replace_all
 from .graph import GraphIndex, remove_dead_nodes, topological_sort
 from .probe import Probe
 from .softmax_core import NO_SCORE_PRODUCT, NO_VALUE_PRODUCT, find_core, softmax_nodes
 
 # (family name, module with candidates(index, probe) and match(index, probe, candidate, name))
-FAMILY_PASSES = (("block_sparse", block_sparse), ("linear_attention", linear_attention))
+# dense last: it takes the softmax attention no more specific family claimed
+FAMILY_PASSES = (("block_sparse", block_sparse), ("linear_attention", linear_attention),
+                 ("dense_attention", dense_attention))
 
 
 @dataclass
@@ -60,7 +62,9 @@ def fuse_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
     anchors = set()
     for _family, module in FAMILY_PASSES:
         for candidate in module.candidates(index, probe):
-            anchor = candidate.softmax if hasattr(candidate, "softmax") else candidate[0]
+            anchor = _anchor(candidate)
+            if id(anchor) in anchors or id(anchor) in claimed:
+                continue  # an earlier family's candidate, or inside a layer fused already
             anchors.add(id(anchor))
             name = _unique(layer_name(anchor), report)
             try:
@@ -86,6 +90,13 @@ def fuse_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
     remove_dead_nodes(fused.graph)  # first: shape nodes that read the removed tensors go with them
     topological_sort(fused.graph)
     return fused, report
+
+
+def _anchor(candidate) -> onnx.NodeProto:
+    """The node a candidate is anchored on: its softmax, or the first feature product of a linear layer."""
+    if isinstance(candidate, onnx.NodeProto):
+        return candidate
+    return candidate.softmax if hasattr(candidate, "softmax") else candidate[0]
 
 
 def _unique(name: str, report: FusionReport) -> str:

@@ -118,6 +118,21 @@ def region(index: GraphIndex, boundary: list[str], output: str) -> tuple[list[on
     return nodes, outside
 
 
+def keep_shared_layouts(index: GraphIndex, nodes: list[onnx.NodeProto], inputs: list[str]) -> list[onnx.NodeProto]:
+    """Leave in the graph the layout nodes on the way to `inputs` (e.g. the per-head split of q) whose results are
+    also read elsewhere (e.g. by Treeformer's routing): they compute the same thing whether fused or not."""
+    ids = {id(n) for n in nodes}
+    kept: set[int] = set()
+    for tensor in inputs:
+        for node in index.ancestors(tensor, stop=set()):
+            if id(node) not in ids or node.op_type not in LAYOUT_OPS:
+                continue
+            used_outside = any(id(c) not in ids for o in node.output for c in index.consumers.get(o, []))
+            if used_outside:
+                kept.update(id(a) for a in index.ancestors(node.output[0], stop=set()) if id(a) in ids)
+    return [n for n in nodes if id(n) not in kept]
+
+
 def check_no_escape(index: GraphIndex, nodes: list[onnx.NodeProto], output: str) -> None:
     ids = {id(n) for n in nodes}
     for node in nodes:

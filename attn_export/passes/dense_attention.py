@@ -1,0 +1,195 @@
+"""Fuse softmax attention written any standard way into DenseAttention.
+
+Pattern: MatMul(q, k^T) -> score chain -> Softmax(last axis) -> [NaN guard] -> MatMul(p, v), where the score chain
+is made of scalings (Mul/Div by a constant scalar), additive terms (Add/Sub of a bias or mask) and masks
+(Where(cond, scores, fill)), in any order; the scale may also sit on q and k (decomposed SDPA). Such a chain is
+affine in the scores: chain(x) = c * x + chain(0). So the fused node gets scale c and, as its bias, the same chain
+applied to a zero score, kept in the graph (static masks stay static; a mask or bias computed from other tensors
+keeps reading them). Whether the result equals the graph is then checked numerically, as for every pass.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..ops import DENSE_ATTENTION
+from .framework import (Match, NotFused, check_no_escape, constant, keep_shared_layouts, region, scalar_value,
+                        verify_numerically, walk_to_boundary)
+from .graph import GraphIndex
+from .probe import Probe
+from .softmax_core import GUARD_OPS, softmax_axis_is_last, softmax_nodes
+
+OP = DENSE_ATTENTION
+CHAIN_OPS = {"Mul", "Div", "Add", "Sub", "Where", "Cast"}
+
+
+class ScoreChain:
+    """The nodes between the QK product and the softmax, from the product down, and where the scores enter each."""
+
+    def __init__(self, qk: onnx.NodeProto, steps: list[tuple[onnx.NodeProto, int]], scale: float):
+        self.qk, self.steps, self.scale = qk, steps, scale
+
+    def side_inputs(self, index: GraphIndex) -> list[str]:
+        """Data-dependent tensors the chain reads besides the scores (a mask or bias computed elsewhere)."""
+        return [t for node, slot in self.steps for i, t in enumerate(node.input)
+                if i != slot and t and not index.is_static(t)]
+
+    @property
+    def has_bias(self) -> bool:
+        return any(node.op_type in ("Add", "Sub", "Where") for node, _ in self.steps)
+
+
+def _is_qk_product(index: GraphIndex, node: onnx.NodeProto | None) -> bool:
+    return node is not None and node.op_type == "MatMul" and len(index.dynamic_inputs(node)) == 2
+
+
+def _reaches_qk(index: GraphIndex, tensor: str, depth: int = 12) -> bool:
+    node = index.producer.get(tensor)
+    if _is_qk_product(index, node):
+        return True
+    if node is None or depth == 0 or node.op_type not in CHAIN_OPS:
+        return False
+    return any(_reaches_qk(index, i, depth - 1) for i in index.dynamic_inputs(node))
+
+
+def score_chain(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto) -> ScoreChain | str:
+    """The chain feeding `softmax`, or why it is not an affine function of one QK^T product."""
+    steps, scale, tensor = [], 1.0, softmax.input[0]
+    while True:
+        node = index.producer.get(tensor)
+        if node is None:
+            return "no QK^T product feeds the softmax"
+        if _is_qk_product(index, node):
+            break
+        if node.op_type not in CHAIN_OPS:
+            return f"unexpected {node.op_type} between QK^T and softmax"
+        carriers = [i for i, t in enumerate(node.input) if t and not index.is_static(t) and _reaches_qk(index, t)]
+        if len(carriers) != 1:
+            return f"{node.op_type} between QK^T and softmax combines the scores with themselves (not affine)"
+        slot = carriers[0]
+        if node.op_type in ("Mul", "Div"):
+            other = node.input[1 - slot]
+            value = scalar_value(index, probe, other)
+            if value is None or value == 0 or (node.op_type == "Div" and slot != 0):
+                return f"scores are scaled by a non-constant or per-element tensor ({node.op_type} '{node.name}')"
+            scale *= value if node.op_type == "Mul" else 1.0 / value
+        elif node.op_type == "Sub" and slot != 0:
+            return "scores are subtracted from another tensor"
+        elif node.op_type == "Where" and slot == 0:
+            return "the scores are a Where condition"
+        steps.append((node, slot))
+        tensor = node.input[slot]
+    steps.reverse()
+    return ScoreChain(node, steps, scale)
+
+
+def value_product(index: GraphIndex, softmax: onnx.NodeProto) -> onnx.NodeProto | None:
+    """MatMul(p, v) reading the softmax output, possibly through the NaN guard of fully masked rows."""
+    frontier = [softmax.output[0]]
+    for _ in range(4):
+        nxt = []
+        for t in frontier:
+            for user in index.consumers.get(t, []):
+                if user.op_type == "MatMul" and user.input[0] == t:
+                    return user
+                if user.op_type in GUARD_OPS:
+                    nxt.extend(user.output)
+        frontier = nxt
+    return None
+
+
+def candidates(index: GraphIndex, probe: Probe):
+    for softmax in softmax_nodes(index):
+        if softmax_axis_is_last(softmax, probe) and value_product(index, softmax) is not None:
+            if not isinstance(score_chain(index, probe, softmax), str):
+                yield softmax
+
+
+def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -> Match:
+    chain = score_chain(index, probe, softmax)
+    pv = value_product(index, softmax)
+    q, q_factor, _ = walk_to_boundary(index, probe, chain.qk.input[0])
+    k, k_factor, _ = walk_to_boundary(index, probe, chain.qk.input[1])
+    v, _, _ = walk_to_boundary(index, probe, pv.input[1])
+    per_head_q, per_head_v = probe.shape(chain.qk.input[0]), probe.shape(pv.input[1])
+    if per_head_q is None or len(per_head_q) != 4 or per_head_v is None or len(per_head_v) != 4:
+        raise NotFused(f"queries are not split in heads (shape {per_head_q}, expected [B, H, N, D])")
+    batch, heads, q_len, head_dim = per_head_q
+    v_head_dim = per_head_v[3]
+    for tensor, width, what in ((q, heads * head_dim, "query"), (k, heads * head_dim, "key"),
+                                (v, heads * v_head_dim, "value")):
+        shape = probe.shape(tensor)
+        if shape is None or len(shape) != 3 or shape[2] != width or shape[0] != batch:
+            raise NotFused(f"{what} {shape} is not [B, N, {heads}*{width // heads}] (mismatched head count?)")
+
+    output = _merged_output(index, probe, pv.output[0], (batch, q_len, heads * v_head_dim))
+    if output is None:
+        raise NotFused("no [B, N, H*D] output where the heads merge back")
+    sides = chain.side_inputs(index)
+    nodes, outside = region(index, [q, k, v, *sides], output)
+    if outside:
+        raise NotFused(f"the attention also reads data-dependent tensor '{outside[0]}'")
+    nodes = keep_shared_layouts(index, nodes, [chain.qk.input[0], chain.qk.input[1], pv.input[1]])
+    check_no_escape(index, nodes, output)
+
+    attrs = {"num_heads": heads, "scale": chain.scale * q_factor * k_factor, "causal": 0}
+    bias_nodes, bias, new_inits = [], None, []
+    if chain.has_bias:
+        bias_nodes, bias, new_inits = _bias_nodes(index, probe, chain, name)
+    inputs = [q, k, v] + ([lambda run: _evaluate(bias_nodes, bias, new_inits, probe.runs[run])] if bias else [])
+    why = verify_numerically(OP, probe, inputs, output, attrs)
+    if why:
+        raise NotFused(f"the op's reference does not reproduce the graph: {why}")
+    return Match(OP, name, [q, k, v] + ([bias] if bias else []), output, attrs, nodes, new_inits, bias_nodes)
+
+
+def _merged_output(index: GraphIndex, probe: Probe, start: str, shape: tuple, limit: int = 12) -> str | None:
+    """Follow layout ops from the attention product to the first tensor of shape [B, N, H*Dv]."""
+    tensor = start
+    for _ in range(limit):
+        if tuple(probe.shape(tensor) or ()) == shape:
+            return tensor
+        users = [u for u in index.consumers.get(tensor, []) if not all(o in index.static for o in u.output if o)]
+        if len(users) != 1 or users[0].op_type not in ("Transpose", "Reshape", "Flatten", "Cast"):
+            return None
+        tensor = users[0].output[0]
+    return None
+
+
+def _bias_nodes(index: GraphIndex, probe: Probe, chain: ScoreChain, name: str):
+    """The score chain copied onto a zero score: chain(0), made rank 4 ([B or 1, H or 1, Nq, Nk])."""
+    dtype = np.asarray(probe.runs[0][chain.qk.output[0]]).dtype
+    zero = f"{name}/zero_scores"
+    inits = [constant(zero, np.zeros((), dtype))]
+    nodes, renamed = [], {chain.qk.output[0]: zero}
+    for node, _ in chain.steps:
+        copy = helper.make_node(node.op_type, [renamed.get(i, i) for i in node.input],
+                                [f"{name}/bias/{o}" for o in node.output], name=f"{name}/bias/{node.name}")
+        copy.attribute.extend(node.attribute)
+        renamed.update(zip(node.output, copy.output))
+        nodes.append(copy)
+    bias = nodes[-1].output[0]
+    rank = np.ndim(_evaluate(nodes, bias, inits, probe.runs[0]))
+    if rank > 4:
+        raise NotFused(f"the score bias has rank {rank}, more than [B, H, Nq, Nk]")
+    if rank < 4:
+        axes = f"{name}/bias_axes"
+        inits.append(constant(axes, np.arange(4 - rank, dtype=np.int64)))
+        nodes.append(helper.make_node("Unsqueeze", [bias, axes], [f"{name}/bias"], name=f"{name}/bias_rank4"))
+        bias = f"{name}/bias"
+    return nodes, bias, inits
+
+
+def _evaluate(nodes: list, output: str, inits: list, values: dict) -> np.ndarray:
+    """Run a few new nodes on onnxruntime, reading every other tensor from a probe run."""
+    import onnxruntime as ort
+
+    produced = {o for n in nodes for o in n.output} | {t.name for t in inits}
+    needed = sorted({i for n in nodes for i in n.input if i and i not in produced})
+    inputs = [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(np.asarray(values[t]).dtype), None)
+              for t in needed]
+    graph = helper.make_graph(nodes, "bias", inputs, [onnx.ValueInfoProto(name=output)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run([output], {t: np.asarray(values[t]) for t in needed})[0]

@@ -1,0 +1,96 @@
+"""Standard softmax attention written in other ways fuses into DenseAttention with parity; near misses are reported
+with their reason, never fused wrongly."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attn_export import api
+from attn_export.backends import OnnxRuntimeRunner
+from attn_export.export import export_onnx
+from attn_export.passes import fuse_graph
+
+HEADS, WIDTH, N = 2, 16, 12
+
+
+class Attention(nn.Module):
+    """One attention layer written in a given style, between two projections."""
+
+    def __init__(self, style: str):
+        super().__init__()
+        self.style = style
+        self.qkv, self.out = nn.Linear(WIDTH, 3 * WIDTH), nn.Linear(WIDTH, WIDTH)
+        self.bias = nn.Parameter(torch.randn(1, HEADS, 64, 64))
+
+    def forward(self, x, mask):
+        b, n, _ = x.shape
+        q, k, v = (t.reshape(b, n, HEADS, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        d = q.shape[-1]
+        if self.style == "sdpa":
+            o = F.scaled_dot_product_attention(q, k, v)
+        elif self.style == "sdpa_causal":
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif self.style == "sdpa_bool_mask":
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :] > 0)
+        elif self.style == "matmul_div":
+            o = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1) @ v
+        elif self.style == "additive_bias":
+            o = torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5 + self.bias[:, :, :n, :n], -1) @ v
+        elif self.style == "masked_fill":
+            scores = (q @ k.transpose(-1, -2)) * d ** -0.5
+            causal = torch.ones(n, n, dtype=torch.bool).tril()
+            o = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v
+        elif self.style == "padding_mask":  # an additive mask computed from a model input
+            o = torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5 + (1.0 - mask[:, None, None, :]) * -1e9, -1) @ v
+        elif self.style == "wrong_axis":
+            o = torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5, dim=-2) @ v
+        elif self.style == "leaked_scores":  # an inner tensor read after the layer
+            scores = q @ k.transpose(-1, -2) * d ** -0.5
+            o = torch.softmax(scores, -1) @ v
+            return self.out(o.transpose(1, 2).reshape(b, n, -1)) + scores.mean()
+        return self.out(o.transpose(1, 2).reshape(b, n, -1))
+
+
+def _export(style, exporter, dynamic=True):
+    torch.manual_seed(0)
+    module = Attention(style).eval()
+    inputs = [{"x": torch.randn(2, n, WIDTH), "mask": (torch.rand(2, n) > 0.3).float()} for n in (N, 20)]
+    shapes = [{k: list(v.shape) for k, v in x.items()} for x in inputs]
+    axes = {"x": {0: "batch", 1: "seq"}, "mask": {0: "batch", 1: "seq"}} if dynamic else None
+    model = export_onnx(module, inputs[0], dynamic_axes=axes, exporter=exporter,
+                        probe_shapes=shapes if dynamic else shapes[:1] * 2)
+    return module, model, inputs if dynamic else inputs[:1]
+
+
+STYLES = ["sdpa", "sdpa_causal", "sdpa_bool_mask", "matmul_div", "additive_bias", "masked_fill", "padding_mask"]
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("style", STYLES)
+def test_other_writers_fuse_into_dense_attention_with_parity(style, exporter):
+    module, model, inputs = _export(style, exporter)
+    fused, report = api.fuse(model)  # refuses to return a fused graph that differs from the reference
+    assert report.attention_layers == 1 and report.all_fused, report.as_dict()
+    assert [n.op_type for n in fused.graph.node if n.domain == "attn_export"] == ["DenseAttention"]
+    runner = OnnxRuntimeRunner(fused, "fused")
+    for feeds in inputs:
+        expected = module(**feeds).detach().numpy()
+        got = next(iter(runner.run({k: v.numpy() for k, v in feeds.items()}).values()))
+        assert abs(got - expected).max() < 1e-4
+
+
+def test_fixed_length_export_fuses_too():
+    _, model, _ = _export("masked_fill", "dynamo", dynamic=False)
+    assert fuse_graph(model)[1].all_fused
+
+
+@pytest.mark.parametrize("style,reason", [("wrong_axis", "not over the last (key) axis"),
+                                          ("leaked_scores", "also used outside the attention")])
+def test_near_misses_are_reported_not_fused(style, reason):
+    _, model, _ = _export(style, "dynamo")
+    fused, report = fuse_graph(model)
+    assert report.attention_layers == 1 and report.fused == 0
+    assert reason in report.layers[0].reason, report.as_dict()
+    assert not [n for n in fused.graph.node if n.domain == "attn_export"]
