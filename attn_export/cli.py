@@ -167,8 +167,8 @@ def check_cmd(models, graphs, atol, rtol, seq_lens):
 
         loaded = load_model(models[0])
         lengths = list(seq_lens) or (loaded.parity_seq_lens() if loaded.dynamic_axes else [None])
-        feeds = [(f"seq_len={n or loaded.example_seq_len}", {k: v.numpy() for k, v in loaded.example_inputs(seq_len=n).items()})
-                 for n in lengths]
+        feeds = [(f"seq_len={n or loaded.example_seq_len}",
+                  {k: v.numpy() for k, v in loaded.example_inputs(seq_len=n).items()}) for n in lengths]
         reference = TorchRunner(loaded.module, str(models[0]), loaded.input_names)
         candidates = [OnnxRuntimeRunner(load_onnx(g), str(g)) for g in graphs]
     else:
@@ -180,7 +180,8 @@ def check_cmd(models, graphs, atol, rtol, seq_lens):
         candidates = [OnnxRuntimeRunner(load_onnx(p), str(p)) for p in paths[1:]]
         shape_sets = probe_shapes(first)
         if seq_lens:
-            shape_sets = [{k: [s[0], n, *s[2:]] if len(s) > 1 else s for k, s in shape_sets[0].items()} for n in seq_lens]
+            shape_sets = [{k: [s[0], n, *s[2:]] if len(s) > 1 else s for k, s in shape_sets[0].items()}
+                          for n in seq_lens]
         feeds = [("random " + ",".join(f"{k}={'x'.join(map(str, s))}" for k, s in shapes.items()),
                   random_inputs(first, shapes, seed=i)) for i, shapes in enumerate(shape_sets)]
     results = api.check(reference, candidates, feeds, atol=atol, rtol=rtol)

@@ -241,7 +241,8 @@ def has_dynamic_shapes(model: onnx.ModelProto) -> bool:
     return any(not d.HasField("dim_value") for i in model.graph.input for d in i.type.tensor_type.shape.dim)
 
 
-def static_tensor_matching(index: GraphIndex, probe: Probe, expected: list[np.ndarray], ignore_rows: list) -> str | None:
+def static_tensor_matching(index: GraphIndex, probe: Probe, expected: list[np.ndarray],
+                           ignore_rows: list) -> str | None:
     """A static integer tensor whose values equal `expected[run]` at every probe (negative entries mean "none",
     rows in ignore_rows[run] are not compared). Used to keep a shape-dependent layout computed in the graph."""
     for name in index.static:

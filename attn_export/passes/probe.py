@@ -85,7 +85,8 @@ class Probe:
         try:
             self.runs = [run_all_tensors(model, f) for f in self.feeds]
         except Exception as e:
-            raise UserError(f"cannot run the graph on onnxruntime to verify fusions: {str(e).splitlines()[0]}") from None
+            reason = str(e).splitlines()[0]
+            raise UserError(f"cannot run the graph on onnxruntime to verify fusions: {reason}") from None
 
     def shape(self, name: str, run: int = 0) -> tuple | None:
         value = self.runs[run].get(name)

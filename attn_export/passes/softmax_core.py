@@ -1,4 +1,5 @@
-"""Find softmax attention cores: MatMul(q, k^T) -> [scale, mask] -> Softmax(last axis) -> [NaN guard] -> MatMul(p, v)."""
+"""Find softmax attention cores:
+MatMul(q, k^T) -> [scale, mask] -> Softmax(last axis) -> [NaN guard] -> MatMul(p, v)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
