@@ -2,6 +2,8 @@
 with their reason, never fused wrongly."""
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,3 +96,39 @@ def test_near_misses_are_reported_not_fused(style, reason):
     assert report.attention_layers == 1 and report.fused == 0
     assert reason in report.layers[0].reason, report.as_dict()
     assert not [n for n in fused.graph.node if n.domain == "attn_export"]
+
+
+def _attention_node_model(q_heads=HEADS, kv_heads=HEADS, mask="bool", causal=0):
+    """A graph holding the ONNX (opset 23+) Attention node between two MatMul projections."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    kv_width = kv_heads * (WIDTH // q_heads)
+    inits = [numpy_helper.from_array(rng.standard_normal((WIDTH, width)).astype(np.float32), f"w{i}")
+             for i, width in enumerate((WIDTH, kv_width, kv_width))]
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [t]) for i, t in enumerate("qkv")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", WIDTH])]
+    attention_inputs = ["q", "k", "v"]
+    if mask == "bool":
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", 1, "seq", "seq"]))
+        attention_inputs.append("mask")
+    nodes.append(helper.make_node("Attention", attention_inputs, ["y"], q_num_heads=q_heads, kv_num_heads=kv_heads,
+                                  is_causal=causal))
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    return model
+
+
+@pytest.mark.parametrize("mask,causal", [("bool", 0), ("none", 1), ("none", 0)])
+def test_onnx_attention_node_fuses_into_dense_attention(mask, causal):
+    model = _attention_node_model(mask=mask, causal=causal)
+    fused, report = api.fuse(model)
+    assert report.all_fused and report.attention_layers == 1, report.as_dict()
+    assert [n.op_type for n in fused.graph.node if n.domain == "attn_export"] == ["DenseAttention"]
+    assert not [n for n in fused.graph.node if n.op_type == "Attention"]
+
+
+def test_onnx_attention_node_with_grouped_heads_is_reported():
+    _, report = fuse_graph(_attention_node_model(q_heads=2, kv_heads=1))
+    assert report.fused == 0 and "mismatched head counts" in report.layers[0].reason

@@ -1,0 +1,74 @@
+"""Fuse the ONNX `Attention` node (opset 23 and later) into DenseAttention.
+
+TensorRT looks builtins up by op type, and older TensorRT releases do not implement `Attention`, so the node is
+rewritten to our op: 3-D q/k/v [B, S, H*D] with as many key/value heads as query heads, an optional boolean or
+additive mask (a boolean mask becomes an additive 0 / -inf bias), `scale`, `is_causal`. KV cache inputs, softcap,
+local windows and the extra outputs have no counterpart and are reported instead.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..ops import DENSE_ATTENTION
+from .framework import Match, NotFused, constant, verify_numerically
+from .graph import GraphIndex
+from .probe import Probe
+
+OP = DENSE_ATTENTION
+
+
+def candidates(index: GraphIndex, probe: Probe):
+    return [n for n in index.nodes if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
+
+
+def match(index: GraphIndex, probe: Probe, node: onnx.NodeProto, name: str) -> Match:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    inputs = list(node.input) + [""] * (7 - len(node.input))
+    q, k, v, mask = inputs[:4]
+    if any(inputs[4:]):
+        raise NotFused("Attention with a KV cache (past_key/past_value/nonpad_kv_seqlen) has no fused form")
+    if any(out for out in node.output[1:]):
+        raise NotFused("Attention's present_key/present_value/qk_matmul_output outputs are used")
+    if attrs.get("softcap", 0.0) or attrs.get("left_window_size", -1) >= 0 or attrs.get("right_window_size", -1) >= 0:
+        raise NotFused("Attention with softcap or a local window has no fused form")
+    heads, kv_heads = attrs.get("q_num_heads", 0), attrs.get("kv_num_heads", 0)
+    if len(probe.shape(q) or ()) != 3:
+        raise NotFused("Attention with 4-D q/k/v is not fused yet (only [B, S, H*D])")
+    if heads <= 0 or heads != kv_heads:
+        raise NotFused(f"mismatched head counts: q_num_heads {heads}, kv_num_heads {kv_heads}")
+
+    fused_attrs = {"num_heads": heads, "scale": float(attrs.get("scale", 0.0)),
+                   "causal": int(attrs.get("is_causal", 0))}
+    new_nodes, new_inits, bias = [], [], ""
+    if mask:
+        new_nodes, new_inits, bias = _mask_as_bias(probe, mask, name)
+    fused_inputs = [q, k, v] + ([bias] if bias else [])
+    bias_value = (lambda run: _bias_value(probe.runs[run][mask])) if mask else None
+    why = verify_numerically(OP, probe, [q, k, v] + ([bias_value] if mask else []), node.output[0], fused_attrs)
+    if why:
+        raise NotFused(f"the op's reference does not reproduce the graph: {why}")
+    return Match(OP, name, fused_inputs, node.output[0], fused_attrs, [node], new_inits, new_nodes)
+
+
+def _bias_value(mask: np.ndarray) -> np.ndarray:
+    bias = np.where(mask, 0.0, -np.inf).astype(np.float32) if mask.dtype == np.bool_ else mask
+    return bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+
+
+def _mask_as_bias(probe: Probe, mask: str, name: str):
+    """Nodes turning the mask into a rank-4 additive bias."""
+    value = probe.runs[0][mask]
+    nodes, inits, bias = [], [], mask
+    if value.dtype == np.bool_:
+        zero, neg_inf = f"{name}/zero", f"{name}/neg_inf"
+        inits += [constant(zero, np.zeros((), np.float32)), constant(neg_inf, np.array(-np.inf, np.float32))]
+        bias = f"{name}/mask_bias"
+        nodes.append(helper.make_node("Where", [mask, zero, neg_inf], [bias], name=f"{name}/mask_to_bias"))
+    if value.ndim < 4:
+        axes = f"{name}/bias_axes"
+        inits.append(constant(axes, np.arange(4 - value.ndim, dtype=np.int64)))
+        nodes.append(helper.make_node("Unsqueeze", [bias, axes], [f"{name}/bias"], name=f"{name}/bias_rank4"))
+        bias = f"{name}/bias"
+    return nodes, inits, bias
