@@ -1,0 +1,249 @@
+"""Each CUDA kernel against its op contract's torch reference, on a GPU (skipped without one).
+
+Shapes cover lengths that are not multiples of the tiles, 1 to 16 heads, head dims 32/64/128 (tensor-core paths)
+and others (CUDA-core paths), fp32, fp16 and bf16, and rows that see no key. Errors are measured against the
+largest reference magnitude: fp32 1e-4, fp16 1e-2, bf16 4e-2 (max), a quarter of that on average.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attn_export.backends import cuda_ops
+from attn_export.ops import OPS
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension():
+    reason = cuda_ops.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    return cuda_ops.load_extension()
+
+
+def dtype_id(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def rand(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, device="cuda") * scale).to(dtype)
+
+
+def check(op_type, tensors, attrs, dtype):
+    """Kernel output against the reference on the same (rounded) inputs; returns the kernel output."""
+    out = cuda_ops.run_op(op_type, *tensors, **attrs)
+    torch.cuda.synchronize()
+    cpu = [t.cpu() if t is not None else None for t in tensors]
+    while cpu and cpu[-1] is None:
+        cpu.pop()
+    ref = OPS[op_type].reference(*cpu, **OPS[op_type].resolve_attrs(attrs)).float()
+    got = out.float().cpu()
+    assert got.shape == ref.shape
+    assert torch.isfinite(got).all(), "kernel produced NaN or inf"
+    err = (got - ref).abs()
+    scale = ref.abs().max().clamp_min(1e-6)
+    tol = TOLERANCE[dtype]
+    assert err.max() <= tol * scale, f"max error {err.max():.3g} > {tol} x {scale:.3g}"
+    assert err.mean() <= tol / 4 * scale, f"mean error {err.mean():.3g} > {tol / 4} x {scale:.3g}"
+    return out
+
+
+# ---- DenseAttention ------------------------------------------------------------------------------------------
+DENSE = [  # batch, heads, q_len, kv_len, head_dim, v_head_dim, causal, bias
+    (2, 4, 77, 77, 64, 64, 0, None),
+    (1, 16, 200, 333, 32, 32, 1, None),
+    (2, 1, 130, 70, 128, 128, 1, None),  # more queries than keys: the first rows see nothing
+    (1, 8, 65, 129, 64, 64, 0, "full"),
+    (2, 3, 50, 50, 66, 64, 0, "heads"),  # MGK's augmented keys (D = Dq + 2): CUDA-core path
+    (1, 2, 33, 300, 128, 128, 1, "batch"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", DENSE, ids=str)
+def test_dense_attention(case, dtype):
+    b, h, nq, nk, d, dv, causal, bias_kind = case
+    q, k, v = rand(b, nq, h * d, dtype=dtype), rand(b, nk, h * d, dtype=dtype), rand(b, nk, h * dv, dtype=dtype)
+    bias = None
+    if bias_kind:
+        shape = {"full": (b, h, nq, nk), "heads": (1, h, nq, nk), "batch": (b, 1, nq, nk)}[bias_kind]
+        bias = rand(*shape, dtype=dtype)
+    check("DenseAttention", (q, k, v, bias), {"num_heads": h, "causal": causal, "scale": 0.0}, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_dense_attention_fully_masked_rows_are_zero(dtype):
+    b, h, n, d = 1, 2, 96, 64
+    q, k, v = (rand(b, n, h * d, dtype=dtype) for _ in range(3))
+    bias = torch.zeros(b, h, n, n, device="cuda")
+    bias[:, :, 5] = float("-inf")  # row 5 sees no key
+    bias[:, 1, 70:] = float("-inf")
+    out = check("DenseAttention", (q, k, v, bias.to(dtype)), {"num_heads": h}, dtype)
+    heads = out.float().reshape(b, n, h, d)
+    assert (heads[:, 5] == 0).all() and (heads[:, 70:, 1] == 0).all()
+
+
+def test_dense_attention_fp16_past_65504_keys():
+    """The softmax sum passes fp16's largest value: statistics stay in fp32, nothing overflows."""
+    b, h, nq, nk, d = 1, 1, 64, 70_000, 64
+    q = rand(b, nq, h * d, dtype=torch.float16, scale=0.01)
+    k, v = rand(b, nk, h * d, dtype=torch.float16), rand(b, nk, h * d, dtype=torch.float16)
+    check("DenseAttention", (q, k, v), {"num_heads": h}, torch.float16)
+
+
+# ---- BlockSparseAttention ------------------------------------------------------------------------------------
+SPARSE = [  # batch, heads, seq_len, head_dim, block_size, slots, global_blocks, per-head table
+    (1, 4, 512, 64, 64, 5, 1, False),
+    (2, 2, 384, 128, 128, 2, 0, True),
+    (1, 16, 256, 32, 32, 4, 1, True),
+    (1, 3, 96, 64, 16, 3, 0, False),
+    (1, 2, 120, 64, 8, 4, 1, False),  # block smaller than a tensor-core tile: CUDA-core path
+    (1, 2, 144, 48, 48, 2, 0, False),  # head dim 48: CUDA-core path
+]
+
+
+def block_table(heads, blocks, slots, empty_row):
+    """Random table with out-of-range entries, repeats, and one row that lists nothing."""
+    table = torch.randint(-1, blocks + 1, (heads, blocks, slots), dtype=torch.int32)
+    table[..., -1] = table[..., 0]  # a repeat in every row
+    if empty_row is not None:
+        table[:, empty_row] = -1
+    return table
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", SPARSE, ids=str)
+def test_block_sparse_attention(case, dtype):
+    b, h, n, d, bs, slots, g, per_head = case
+    nb = n // bs
+    q, k, v = (rand(b, n, h * d, dtype=dtype) for _ in range(3))
+    empty = g if g < nb - g else None
+    table = block_table(h if per_head else 1, nb, slots, empty).cuda()
+    attrs = {"num_heads": h, "block_size": bs, "global_blocks": g}
+    out = check("BlockSparseAttention", (q, k, v, table), attrs, dtype)
+    if empty is not None:  # a non-global row listing no block is zero
+        rows = out.float().reshape(b, nb, bs, h * d)[:, empty]
+        assert (rows == 0).all()
+
+
+# ---- KernelizedAttention -------------------------------------------------------------------------------------
+LINEAR = [  # batch, heads, seq_len, head_dim, features, feature_map, causal, normalize
+    (2, 4, 300, 64, 256, "favor_positive", 0, 1),
+    (1, 2, 200, 64, 266, "favor_positive", 1, 1),  # Performer's default M = D ln D: padded to 288
+    (1, 8, 129, 32, 64, "favor_positive", 0, 0),
+    (2, 2, 100, 128, 128, "favor_positive", 1, 0),
+    (1, 4, 257, 64, 0, "elu_plus_one", 0, 1),
+    (1, 3, 130, 128, 0, "elu_plus_one", 1, 1),
+    (1, 1, 70, 32, 0, "identity", 1, 0),
+    (2, 16, 65, 32, 0, "identity", 0, 1),
+    (1, 2, 90, 48, 96, "favor_positive", 0, 1),  # head dim 48: CUDA-core path
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", LINEAR, ids=str)
+def test_kernelized_attention(case, dtype):
+    b, h, n, d, m, fmap, causal, normalize = case
+    q, k, v = (rand(b, n, h * d, dtype=dtype) for _ in range(3))
+    if fmap == "identity" and normalize:  # keep phi(q).sum phi(k) away from 0, where the output is ill-posed
+        q, k = q.abs(), k.abs()
+    projection = rand(m, d, dtype=dtype) if fmap == "favor_positive" else None
+    attrs = {"num_heads": h, "feature_map": fmap, "causal": causal, "normalize": normalize}
+    check("KernelizedAttention", (q, k, v, projection), attrs, dtype)
+
+
+# ---- DisentangledAttention -----------------------------------------------------------------------------------
+DEBERTA = [  # batch, heads, seq_len, head_dim, span, max_position (seq_len < max_position: see relative_index)
+    (1, 4, 200, 64, 64, 512),
+    (2, 2, 130, 32, 16, 0),  # DeBERTa v1: no buckets, distances past span clamp
+    (1, 12, 256, 64, 128, 512),
+    (1, 1, 100, 128, 32, 256),
+    (1, 2, 75, 48, 16, 128),  # head dim 48: CUDA-core path
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", DEBERTA, ids=str)
+def test_disentangled_attention(case, dtype):
+    b, h, n, d, span, max_position = case
+    q, k, v = (rand(b, n, h * d, dtype=dtype) for _ in range(3))
+    rel_key, rel_query = rand(2 * span, h * d, dtype=dtype), rand(2 * span, h * d, dtype=dtype)
+    attrs = {"num_heads": h, "span": span, "max_position": max_position}
+    check("DisentangledAttention", (q, k, v, rel_key, rel_query), attrs, dtype)
+
+
+# ---- MixtureOfExperts ----------------------------------------------------------------------------------------
+MOE = [  # batch, tokens, model_dim, ffn_dim, experts, capacity, capacity_factor, activation
+    (2, 100, 64, 256, 4, 0, 1.0, "relu"),
+    (1, 300, 128, 512, 8, 0, 1.25, "gelu"),
+    (3, 64, 64, 128, 8, 5, 1.0, "relu"),  # a small fixed capacity: many dropped tokens
+    (1, 50, 40, 100, 3, 0, 2.0, "gelu"),  # ffn_dim 100: CUDA-core GEMM
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", MOE, ids=str)
+def test_mixture_of_experts(case, dtype):
+    b, t, dm, f, e, capacity, factor, act = case
+    hidden = rand(b, t, dm, dtype=dtype)
+    router = rand(dm, e, dtype=dtype, scale=dm ** -0.5)
+    expert_in = rand(e, dm, f, dtype=dtype, scale=dm ** -0.5)
+    expert_out = rand(e, f, dm, dtype=dtype, scale=f ** -0.5)
+    attrs = {"capacity": capacity, "capacity_factor": factor, "activation": act}
+    out = check("MixtureOfExperts", (hidden, router, expert_in, expert_out), attrs, dtype)
+    if capacity:
+        assert (out.float().abs().sum(-1) == 0).sum() >= b * (t - capacity * e)  # dropped tokens are zero
+
+
+# ---- LongConvolution -----------------------------------------------------------------------------------------
+CONV = [  # batch, seq_len, channels, kernel_len, bidirectional
+    (2, 100, 48, 128, False),
+    (1, 1000, 256, 1000, True),
+    (1, 65, 33, 70, True),
+    (3, 300, 64, 512, False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", CONV, ids=str)
+def test_long_convolution(case, dtype):
+    b, n, c, length, bidirectional = case
+    decay = torch.exp(-torch.arange(length, device="cuda") / 50.0)
+    u = rand(b, n, c, dtype=dtype)
+    kernel = (torch.randn(c, length, device="cuda") * decay * 0.2).to(dtype)
+    skip = rand(c, dtype=dtype)
+    reverse = (torch.randn(c, length, device="cuda") * decay * 0.2).to(dtype) if bidirectional else None
+    check("LongConvolution", (u, kernel, skip, reverse), {"channels": c}, dtype)
+
+
+# ---- launch rules --------------------------------------------------------------------------------------------
+def test_kernels_run_inside_cuda_graph_capture():
+    """Launchers neither allocate nor synchronise: a captured graph replays them."""
+    b, h, n, d = 1, 4, 256, 64
+    q, k, v = (rand(b, n, h * d, dtype=torch.float16) for _ in range(3))
+    table = block_table(1, n // 64, 3, None).cuda()
+    attrs = {"num_heads": h, "block_size": 64, "global_blocks": 1}
+    expected = cuda_ops.run_op("BlockSparseAttention", q, k, v, table, **attrs)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = cuda_ops.run_op("BlockSparseAttention", q, k, v, table, **attrs)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, expected, atol=0, rtol=0)
+
+
+def test_non_cuda_inputs_use_the_reference():
+    q, k, v = (torch.randn(1, 10, 16) for _ in range(3))
+    out = cuda_ops.run_op("DenseAttention", q, k, v, num_heads=2)
+    assert out.device.type == "cpu"
+    assert math.isfinite(out.abs().max().item())
