@@ -132,3 +132,37 @@ def test_onnx_attention_node_fuses_into_dense_attention(mask, causal):
 def test_onnx_attention_node_with_grouped_heads_is_reported():
     _, report = fuse_graph(_attention_node_model(q_heads=2, kv_heads=1))
     assert report.fused == 0 and "mismatched head counts" in report.layers[0].reason
+
+
+class BlockMaskedAttention(nn.Module):
+    """Dense attention under a constant block-diagonal-plus-first-column mask (block 8)."""
+
+    def __init__(self, n=32, block=8):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(WIDTH, 3 * WIDTH), nn.Linear(WIDTH, WIDTH)
+        blocks = torch.eye(n // block, dtype=torch.bool)
+        blocks[:, 0] = True
+        self.register_buffer("mask", blocks.repeat_interleave(block, 0).repeat_interleave(block, 1))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (t.reshape(b, n, HEADS, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        o = torch.softmax(scores.masked_fill(~self.mask, float("-inf")), -1) @ v
+        return self.out(o.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_constant_block_mask_becomes_block_sparse_with_the_derived_layout():
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, WIDTH)
+    model = export_onnx(BlockMaskedAttention().eval(), {"x": x}, probe_shapes=[{"x": [2, 32, WIDTH]}] * 2)
+    fused, report = api.fuse(model)
+    assert report.all_fused, report.as_dict()
+    (node,) = [n for n in fused.graph.node if n.domain == "attn_export"]
+    assert node.op_type == "BlockSparseAttention"
+    table = next(t for t in fused.graph.initializer if t.name == node.input[3])
+    from onnx import numpy_helper
+
+    layout = numpy_helper.to_array(table)[0]
+    assert [sorted(j for j in row if j >= 0) for row in layout] == [[0], [0, 1], [0, 2], [0, 3]]
+    assert report.layers[0].attributes["block_size"] == 8

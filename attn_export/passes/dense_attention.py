@@ -6,6 +6,7 @@ is made of scalings (Mul/Div by a constant scalar), additive terms (Add/Sub of a
 affine in the scores: chain(x) = c * x + chain(0). So the fused node gets scale c and, as its bias, the same chain
 applied to a zero score, kept in the graph (static masks stay static; a mask or bias computed from other tensors
 keeps reading them). Whether the result equals the graph is then checked numerically, as for every pass.
+At a fixed length, a constant mask made of whole 0 / -inf tiles becomes BlockSparseAttention with that layout.
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..ops import DENSE_ATTENTION
-from .framework import (Match, NotFused, check_no_escape, constant, keep_shared_layouts, region, scalar_value,
-                        verify_numerically, walk_to_boundary)
+from ..ops import BLOCK_SPARSE_ATTENTION, DENSE_ATTENTION
+from .framework import (Match, NotFused, check_no_escape, constant, has_dynamic_shapes, keep_shared_layouts, region,
+                        scalar_value, verify_numerically, walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
 from .softmax_core import GUARD_OPS, softmax_axis_is_last, softmax_nodes
@@ -137,11 +138,54 @@ def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -
     bias_nodes, bias, new_inits = [], None, []
     if chain.has_bias:
         bias_nodes, bias, new_inits = _bias_nodes(index, probe, chain, name)
+    new_names = {t.name for t in new_inits}
+    static_bias = bias and all(index.is_static(t) or t in new_names for t in _read_tensors(bias_nodes))
+    if static_bias and not has_dynamic_shapes(index.model):
+        block_sparse = _as_block_sparse(probe, _evaluate(bias_nodes, bias, new_inits, probe.runs[0]), name,
+                                        [q, k, v], output, attrs, nodes)
+        if block_sparse is not None:
+            return block_sparse
     inputs = [q, k, v] + ([lambda run: _evaluate(bias_nodes, bias, new_inits, probe.runs[run])] if bias else [])
     why = verify_numerically(OP, probe, inputs, output, attrs)
     if why:
         raise NotFused(f"the op's reference does not reproduce the graph: {why}")
     return Match(OP, name, [q, k, v] + ([bias] if bias else []), output, attrs, nodes, new_inits, bias_nodes)
+
+
+def _read_tensors(nodes: list) -> set[str]:
+    produced = {o for n in nodes for o in n.output}
+    return {i for n in nodes for i in n.input if i and i not in produced}
+
+
+def _as_block_sparse(probe: Probe, bias: np.ndarray, name: str, qkv: list[str], output: str, attrs: dict,
+                     nodes: list) -> Match | None:
+    """A constant 0 / -inf mask made of whole b x b tiles (fixed length): BlockSparseAttention with the derived
+    layout, when it skips at least half of the tiles. None when the mask is not such a layout."""
+    if bias.shape[0] != 1 or not np.all((bias == 0) | np.isneginf(bias)):
+        return None
+    visible = bias[0] == 0  # [H or 1, Nq, Nk]
+    n = visible.shape[-1]
+    if visible.shape[-2] != n:
+        return None
+    for block in (b for b in (128, 64, 32, 16, 8) if n % b == 0 and n // b >= 2):
+        nb = n // block
+        tiles = visible.reshape(visible.shape[0], nb, block, nb, block)
+        if not (np.all(tiles == tiles[:, :, :1, :, :1]) and tiles[:, :, 0, :, 0].mean() <= 0.5):
+            continue
+        table_mask = tiles[:, :, 0, :, 0]  # [H or 1, nb, nb]
+        m = max(int(table_mask.sum(-1).max()), 1)
+        table = np.full(table_mask.shape[:2] + (m,), -1, np.int32)
+        for h, i in np.ndindex(*table_mask.shape[:2]):
+            listed = np.flatnonzero(table_mask[h, i])
+            table[h, i, :len(listed)] = listed
+        sparse_attrs = {"num_heads": attrs["num_heads"], "block_size": block, "scale": attrs["scale"],
+                        "global_blocks": 0}
+        if verify_numerically(BLOCK_SPARSE_ATTENTION, probe, qkv + [lambda run, t=table: t], output, sparse_attrs):
+            return None
+        table_name = f"{name}/block_index"
+        return Match(BLOCK_SPARSE_ATTENTION, name, qkv + [table_name], output, sparse_attrs, nodes,
+                     [constant(table_name, table)])
+    return None
 
 
 def _merged_output(index: GraphIndex, probe: Probe, start: str, shape: tuple, limit: int = 12) -> str | None:
