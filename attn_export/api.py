@@ -12,6 +12,8 @@ import torch
 
 from .atomic import write_json
 from .backends import OnnxRuntimeRunner, Runner, TorchRunner
+from .backends.tensorrt_profiles import (ProfileRequest, covering_profile, model_inputs, profiles_to_json,
+                                         select_profile)
 from .check import OutputComparison, compare_outputs
 from .errors import UserError
 from .export import export_onnx, load_onnx, save_onnx
@@ -103,9 +105,12 @@ def build(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], out_
           dynamic_axes: dict[str, dict[int, str]] | None = None,
           parity_inputs: list[tuple[str, dict[str, torch.Tensor]]] | None = None, exporter: str = "dynamo",
           atol: float | None = None, rtol: float | None = None, engine: bool = True,
+          precision: str = "fp32", profiles: ProfileRequest | None = None,
           progress: Callable[[str], None] = lambda message: None) -> BuildResult:
-    """export -> fuse -> parity (torch vs both graphs on onnxruntime) -> TensorRT engine where TensorRT exists.
-    Writes out_dir/model.onnx, model.fused.onnx and report.json."""
+    """export -> fuse -> parity (torch vs both graphs on onnxruntime) -> TensorRT engine where TensorRT exists,
+    and its parity against torch. Writes out_dir/model.onnx, model.fused.onnx, report.json (and model.plan with
+    model.json, its manifest). `precision` is the engine's (fp32, fp16, bf16); `profiles` the optimization profiles
+    asked for (trtexec-style shapes or --seq-lens buckets; default: one spanning the parity inputs)."""
     out_dir = Path(out_dir)
     parity_inputs = parity_inputs or [("example", example_inputs)]
     shapes = [{name: list(t.shape) for name, t in inputs.items()} for _, inputs in parity_inputs]
@@ -114,6 +119,8 @@ def build(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], out_
     progress("exporting to ONNX")
     reference = export(module, example_inputs, out_dir / "model.onnx", dynamic_axes=dynamic_axes,
                        exporter=exporter, probe_shapes=shapes)
+    # checked against the graph's inputs now, so a wrong --opt-shapes fails before fusing and parity
+    engine_profiles = profiles.resolve(model_inputs(reference), dynamic_axes) if profiles else None
     progress("fusing attention")
     fused, report = fuse(reference, out_dir / "model.fused.onnx")
     result = BuildResult(out_dir, report)
@@ -122,27 +129,58 @@ def build(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], out_
     names = list(example_inputs)
     feeds = [(label, {n: t.numpy() for n, t in inputs.items()}) for label, inputs in parity_inputs]
     runners = [OnnxRuntimeRunner(reference, "model.onnx"), OnnxRuntimeRunner(fused, "model.fused.onnx")]
-    result.parity = check(TorchRunner(module, "torch eager", names), runners, feeds, atol=atol, rtol=rtol)
+    torch_runner = TorchRunner(module, "torch eager", names)
+    result.parity = check(torch_runner, runners, feeds, atol=atol, rtol=rtol)
 
-    result.engine = _engine(out_dir, fused, parity_inputs, dynamic_axes) if engine else \
-        {"path": None, "reason": "engine build skipped (--no-engine)"}
+    if engine:
+        progress("building the TensorRT engine")
+        result.engine, engine_parity = _engine(out_dir, parity_inputs, engine_profiles, precision, torch_runner,
+                                               atol, rtol)
+        result.parity += engine_parity
+    else:
+        result.engine = {"path": None, "reason": "engine build skipped (--no-engine)"}
     progress("writing report")
     write_json(out_dir / "report.json", result.as_dict())
     return result
 
 
-def _engine(out_dir: Path, fused: onnx.ModelProto, parity_inputs, dynamic_axes) -> dict:
+def _engine(out_dir: Path, parity_inputs, profiles, precision: str, reference: Runner, atol, rtol
+            ) -> tuple[dict, list[ParityResult]]:
+    """Build model.plan where TensorRT and a GPU exist and check it against torch at the parity inputs its
+    profiles hold. A failure is recorded in the report (the graphs are still worth having), never raised."""
     from .backends import tensorrt_runner
+    from .backends.tensorrt_precision import parity_tolerances
 
     available, reason = tensorrt_runner.tensorrt_status()
     if not available:
-        return {"path": None, "reason": reason}
-    shapes = [{n: tuple(t.shape) for n, t in inputs.items()} for _, inputs in parity_inputs]
-    profile = {name: (min(s[name] for s in shapes), shapes[0][name], max(s[name] for s in shapes))
-               for name in shapes[0]}
+        return {"path": None, "reason": reason}, []
+    shape_sets = [{n: tuple(t.shape) for n, t in inputs.items()} for _, inputs in parity_inputs]
+    profiles = profiles or [covering_profile(shape_sets)]
+    engine = {"path": None, "reason": "", "precision": precision, "profiles": profiles_to_json(profiles)}
     try:
+        library = tensorrt_runner.find_plugin_library()
         path = tensorrt_runner.build_engine(out_dir / "model.fused.onnx", out_dir / "model.plan",
-                                            plugin_library=tensorrt_runner.find_plugin_library(), profiles=[profile])
-    except UserError as e:  # e.g. no plugin library yet: the graphs and the report are still worth having
-        return {"path": None, "reason": f"engine build failed: {e}"}
-    return {"path": str(path), "reason": ""}
+                                            plugin_library=library, profiles=profiles, precision=precision)
+    except UserError as e:  # e.g. no plugin library yet
+        engine["reason"] = f"engine build failed: {e}"
+        return engine, []
+    engine["path"], engine["manifest"] = str(path), str(tensorrt_runner.manifest_path(path))
+
+    feeds = [(label, {n: t.numpy() for n, t in inputs.items()})
+             for (label, inputs), shapes in zip(parity_inputs, shape_sets)
+             if select_profile(profiles, shapes) is not None]
+    if len(feeds) < len(parity_inputs):
+        engine["parity_note"] = (f"{len(parity_inputs) - len(feeds)} of {len(parity_inputs)} parity input sets lie "
+                                 "outside the engine's optimization profiles and were not run on it")
+    if not feeds:
+        return engine, []
+    # a reduced-precision engine is held to its compute dtype's tolerances, unless the user set them
+    default_atol, default_rtol = (None, None) if precision == "fp32" else parity_tolerances(precision)
+    try:
+        runner = tensorrt_runner.TensorRTRunner(path, plugin_library=library)
+        parity = check(reference, [runner], feeds, atol=default_atol if atol is None else atol,
+                       rtol=default_rtol if rtol is None else rtol)
+    except UserError as e:
+        engine["reason"] = f"engine built; its parity could not be checked: {e}"
+        return engine, []
+    return engine, parity

@@ -148,7 +148,7 @@ def tensorrt_case(fused: onnx.ModelProto, workdir, input_shapes: list[dict[str, 
                for name in input_shapes[0]}
     engine = tensorrt_runner.build_engine(onnx_path, Path(workdir) / "model.plan",
                                           plugin_library=tensorrt_runner.find_plugin_library(), profiles=[profile],
-                                          fp16=dtype == "fp16")
+                                          precision=dtype)  # fp32, fp16 or bf16
     runner = tensorrt_runner.TensorRTRunner(engine)
 
     def prepare(feeds):

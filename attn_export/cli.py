@@ -201,24 +201,46 @@ def check_cmd(models, graphs, atol, rtol, seq_lens):
 @click.option("--rtol", type=float, help="Relative parity tolerance (default: by dtype).")
 @click.option("--strict", is_flag=True, help="Exit 1 when any attention layer is not fused or any parity check fails.")
 @click.option("--no-engine", is_flag=True, help="Skip the TensorRT engine even where TensorRT exists.")
-def build_cmd(model, out_dir, exporter, static, atol, rtol, strict, no_engine):
-    """Export, fuse, check parity and (where TensorRT exists) build an engine, all in one go."""
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Engine precision (TensorRT 11 follows the graph's own types instead).")
+@click.option("--min-shapes", multiple=True, metavar="NAME:DIMS,...",
+              help="Optimization profile minimum, trtexec style: input_ids:1x128 (repeatable).")
+@click.option("--opt-shapes", multiple=True, metavar="NAME:DIMS,...",
+              help="The shapes TensorRT optimizes for (alone: a fixed shape).")
+@click.option("--max-shapes", multiple=True, metavar="NAME:DIMS,...", help="Optimization profile maximum.")
+@click.option("--seq-lens", "seq_len_buckets", metavar="N,N,...",
+              help="Sequence-length buckets, one optimization profile each (e.g. 128,512,2048).")
+def build_cmd(model, out_dir, exporter, static, atol, rtol, strict, no_engine, precision, min_shapes, opt_shapes,
+              max_shapes, seq_len_buckets):
+    """Export, fuse, check parity and (where TensorRT and a GPU exist) build an engine and check its parity,
+    all in one go. Without profile options the engine's profile spans the parity lengths."""
     from . import api
+    from .backends.tensorrt_profiles import ProfileRequest
     from .loading import load_model
     from .report import console, fusion_table, parity_table
 
     loaded = load_model(model)
+    profiles = ProfileRequest.from_options(min_shapes, opt_shapes, max_shapes, seq_len_buckets,
+                                           batch=getattr(loaded, "example_batch", None) or 1)
     lengths = [None] if static else loaded.parity_seq_lens()
     parity_inputs = [(f"seq_len={n or loaded.example_seq_len}", loaded.example_inputs(seq_len=n)) for n in lengths]
     with console.status("building") as status:
         result = api.build(loaded.module, loaded.example_inputs(), out_dir,
                            dynamic_axes=None if static else loaded.dynamic_axes, parity_inputs=parity_inputs,
-                           exporter=exporter, atol=atol, rtol=rtol, engine=not no_engine,
+                           exporter=exporter, atol=atol, rtol=rtol, engine=not no_engine, precision=precision,
+                           profiles=None if profiles.empty else profiles,
                            progress=lambda message: status.update(message))
     console.print(fusion_table(result.fusion))
     console.print(parity_table(result.parity))
     engine = result.engine
-    click.echo(f"engine: {engine['path']}" if engine["path"] else f"engine: not built: {engine['reason']}")
+    if engine["path"]:
+        click.echo(f"engine: {engine['path']} ({engine['precision']}, {len(engine['profiles'])} optimization "
+                   f"profile(s), manifest {engine['manifest']})")
+        for note in (engine.get("parity_note"), engine.get("reason")):
+            if note:
+                click.echo(f"engine: {note}")
+    else:
+        click.echo(f"engine: not built: {engine['reason']}")
     click.echo(f"wrote {out_dir / 'model.onnx'}, {out_dir / 'model.fused.onnx'}, {out_dir / 'report.json'}")
     if strict and not result.ok:
         sys.exit(1)
@@ -323,6 +345,52 @@ def _allowed(loaded, seq_len: int) -> bool:
     except UserError:
         return False
     return True
+
+
+# ---------------------------------------------------------------------------------------------------- plugins
+@cli.group()
+def plugins():
+    """The TensorRT plugin library (plugins_trt/)."""
+
+
+@plugins.command("build")
+@click.option("--tensorrt-root", type=click.Path(file_okay=False, path_type=Path),
+              help="TensorRT folder holding include/NvInfer.h and lib/libnvinfer.so [default: CMake's search].")
+@click.option("--cuda-archs", metavar="SM;SM;...", help="CUDA architectures, e.g. '80;87;90' [default: 80;87;90].")
+@click.option("-o", "--build-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="CMake build folder [default: plugins_trt/build, where attn-export looks for the library].")
+@click.option("-j", "--jobs", type=int, default=None, help="Parallel compile jobs [default: 2].")
+@click.option("--kernels-only", is_flag=True, help="Build the CUDA kernels even when TensorRT is not found.")
+def plugins_build_cmd(tensorrt_root, cuda_archs, build_dir, jobs, kernels_only):
+    """Configure and build plugins_trt/ with CMake and print the plugin library's path.
+
+    \b
+      attn-export plugins build --tensorrt-root /usr/src/tensorrt --cuda-archs 87
+    Exit 2 with one line when CMake, nvcc or TensorRT is missing or the build fails (log in the build folder).
+    """
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from . import plugins_build
+    from .report import console
+
+    archs = plugins_build.parse_archs(cuda_archs)
+    build_dir = build_dir or plugins_build.DEFAULT_BUILD_DIR
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("configuring", total=100)
+
+        def on_line(line: str) -> None:
+            done = plugins_build.progress_of(line)
+            if done is not None:
+                progress.update(task, completed=done, description="building")
+
+        outcome = plugins_build.build_plugins(build_dir=build_dir, tensorrt_root=tensorrt_root, cuda_archs=archs,
+                                              jobs=jobs or plugins_build.default_jobs(), kernels_only=kernels_only,
+                                              on_line=on_line)
+    if outcome.plugin_library is None:
+        click.echo(f"built {outcome.kernel_library} (kernels only: TensorRT not found, no plugin library)")
+    else:
+        click.echo(str(outcome.plugin_library))
 
 
 # ---------------------------------------------------------------------------------------------------- doctor

@@ -6,7 +6,6 @@ targets the TensorRT 10.3 Python API (JetPack 6.1/6.2, the oldest release with I
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import sys
@@ -16,6 +15,8 @@ import numpy as np
 
 from attn_export.atomic import write_bytes, write_json
 from attn_export.errors import UserError
+
+from . import engine_manifest, tensorrt_precision, tensorrt_profiles
 
 PLUGIN_LIB_ENV = "ATTN_EXPORT_PLUGIN_LIB"
 PLUGIN_LIB_NAME = "libattn_export_plugins.so"
@@ -160,31 +161,8 @@ def _check_profiles(network, profiles) -> None:
                                 f"got {lo}, {opt}, {hi}")
 
 
-def _cuda_driver_version() -> str | None:
-    """The driver's CUDA version via libcuda's cuDriverGetVersion (torch does not expose it), if readable."""
-    try:
-        libcuda = ctypes.CDLL("libcuda.so.1")
-        version = ctypes.c_int()
-        if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
-            return None
-        return f"{version.value // 1000}.{version.value % 1000 // 10}"
-    except (OSError, AttributeError):
-        return None
-
-
-def _environment() -> dict:
-    info: dict = {"cuda_runtime": None, "cuda_driver": _cuda_driver_version(), "gpu": None, "compute_capability": None}
-    try:
-        import torch
-
-        info["cuda_runtime"] = torch.version.cuda
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            info["gpu"] = torch.cuda.get_device_name()
-            info["compute_capability"] = f"{major}.{minor}"
-    except Exception:
-        pass
-    return info
+# the doctor reads the driver version through this name
+_cuda_driver_version = engine_manifest.cuda_driver_version
 
 
 def build_engine(
@@ -195,9 +173,15 @@ def build_engine(
     profiles: list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]],
     fp16: bool = False,
     workspace_mb: int = 4096,
+    precision: str | None = None,
+    timing_cache: Path | bool | None = True,
 ) -> Path:
     """Parse the fused ONNX model (plugins from `plugin_library`), build a serialized engine with one
-    optimization profile per dict {input: (min, opt, max)}, and write it plus a JSON manifest beside it."""
+    optimization profile per dict {input: (min, opt, max)}, and write it plus a JSON manifest beside it
+    (engine_manifest.py). `precision` is fp32, fp16 or bf16 (`fp16=True` means fp16); TensorRT 11 has no precision
+    flags and follows the graph's types. `timing_cache`: True for the per-user cache of this TensorRT and SM, a
+    path, or None for none."""
+    precision = precision or ("fp16" if fp16 else "fp32")
     trt = _require_tensorrt()
     fused_onnx, engine_path = Path(fused_onnx), Path(engine_path)
     if plugin_library is not None:
@@ -218,11 +202,14 @@ def build_engine(
     _check_profiles(network, profiles)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb * (1 << 20))
-    if fp16:
-        # TensorRT 11 is strongly typed and has no FP16 flag: precision then comes from the ONNX dtypes
-        if not hasattr(trt.BuilderFlag, "FP16"):
-            raise UserError(f"TensorRT {trt.__version__} has no FP16 builder flag: export an FP16 ONNX model instead")
-        config.set_flag(trt.BuilderFlag.FP16)
+    for flag in _precision_flags(trt, precision, fused_onnx):
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # TF32 (on by default) would miss float32 parity tolerances
+    machine = engine_manifest.machine_facts()
+    cache_path = (engine_manifest.timing_cache_path(trt.__version__, machine["compute_capability"])
+                  if timing_cache is True else Path(timing_cache) if timing_cache else None)
+    cache = _attach_timing_cache(config, cache_path)
     for shapes in profiles:
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
@@ -234,17 +221,55 @@ def build_engine(
         detail = "; ".join(logger.errors[-3:]) or "see the TensorRT log above"
         raise UserError(f"{fused_onnx}: TensorRT failed to build the engine: {detail}")
 
-    _write_engine(engine_path, bytes(memoryview(serialized)), {
-        "onnx": str(fused_onnx),
-        "tensorrt_version": trt.__version__,
-        **_environment(),
-        "plugin_library": str(plugin_library) if plugin_library else None,
-        "fp16": fp16,
-        "workspace_mb": workspace_mb,
-        "profiles": [{name: {"min": list(lo), "opt": list(opt), "max": list(hi)}
-                      for name, (lo, opt, hi) in shapes.items()} for shapes in profiles],
-    })
+    if cache is not None and cache_path is not None:
+        try:
+            write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+        except UserError as e:  # a cache that cannot be saved costs time next build, nothing else
+            print(f"[attn-export] timing cache not saved: {e}", file=sys.stderr)
+    details = engine_manifest.build_manifest(
+        engine_path=engine_path, onnx_path=fused_onnx, tensorrt_version=trt.__version__, machine=machine,
+        plugin_library=engine_manifest.plugin_library_facts(plugin_library), precision=precision,
+        profiles_json=tensorrt_profiles.profiles_to_json(profiles), timing_cache=cache_path,
+        workspace_mb=workspace_mb)
+    for key in ("engine", "engine_sha256"):  # _write_engine records the engine itself
+        details.pop(key)
+    _write_engine(engine_path, bytes(memoryview(serialized)), details)
     return engine_path
+
+
+def _precision_flags(trt, precision: str, fused_onnx: Path) -> list[str]:
+    available = {name for name in ("FP16", "BF16") if hasattr(trt.BuilderFlag, name)}
+    graph_types: set[str] = set()
+    if precision != "fp32" and not available:  # strongly typed: only then do the graph's types matter
+        import onnx
+
+        graph_types = tensorrt_precision.graph_float_types(onnx.load(str(fused_onnx), load_external_data=False))
+    return tensorrt_precision.builder_flags(precision, tensorrt_version=trt.__version__, available_flags=available,
+                                            graph_types=graph_types)
+
+
+def _attach_timing_cache(config, path: Path | None):
+    """Start from the saved timing cache when there is one (a stale or foreign one is dropped, not fatal)."""
+    if path is None:
+        return None
+    data = b""
+    try:
+        data = path.read_bytes() if path.is_file() else b""
+    except OSError:
+        pass
+    try:
+        cache = config.create_timing_cache(data)
+    except Exception:  # TensorRT raises on a corrupt buffer in some versions, returns None in others
+        cache = None
+    if cache is None and data:
+        print(f"[attn-export] ignoring unreadable timing cache {path}", file=sys.stderr)
+        cache = config.create_timing_cache(b"")
+    if cache is not None and not config.set_timing_cache(cache, ignore_mismatch=False):
+        print(f"[attn-export] timing cache {path} is from another device or version; starting a new one",
+              file=sys.stderr)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
 
 
 def manifest_path(engine_path: Path) -> Path:
@@ -286,6 +311,14 @@ class TensorRTRunner:
 
         self._trt = trt
         self.engine_path = Path(engine_path)
+        self.label = self.engine_path.name  # as the other runners: which graph it runs, for parity tables
+        if plugin_library is None:  # the library this process already loaded, else the one a build left here
+            plugin_library = next(iter(_loaded_plugin_libraries), None) or find_plugin_library()
+        # an engine from another TensorRT, GPU or plugin library is refused in one line before TensorRT reads it
+        manifest = engine_manifest.check_engine(
+            self.engine_path, tensorrt_version=trt.__version__, machine=engine_manifest.machine_facts(),
+            plugin_library=engine_manifest.plugin_library_facts(plugin_library))
+        self.profiles = tensorrt_profiles.profiles_from_json((manifest or {}).get("profiles") or [])
         if plugin_library is not None:
             _load_plugin_library(trt, plugin_library)  # the plugins must be registered before deserializing
         self._logger = _make_logger(trt)
@@ -299,8 +332,23 @@ class TensorRTRunner:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self._profile = profile_index
         if profile_index:
             self.context.set_optimization_profile_async(profile_index, self.stream.cuda_stream)
+
+    def _use_profile_for(self, inputs: dict[str, np.ndarray]) -> None:
+        """Switch to the optimization profile whose ranges hold these input shapes (--seq-lens buckets)."""
+        if len(self.profiles) < 2:
+            return
+        shapes = {name: tuple(np.shape(inputs[name])) for name in self.input_names}
+        index = tensorrt_profiles.select_profile(self.profiles, shapes)
+        if index is None:
+            given = ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in shapes.items())
+            raise UserError(f"{self.engine_path}: inputs {given} fit none of the engine's optimization profiles "
+                            f"({tensorrt_profiles.describe_profiles(self.profiles)})")
+        if index != self._profile:
+            self.context.set_optimization_profile_async(index, self.stream.cuda_stream)
+            self._profile = index
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -308,6 +356,7 @@ class TensorRTRunner:
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise UserError(f"{self.engine_path}: missing input(s) {', '.join(missing)}")
+        self._use_profile_for(inputs)
         # Keep every device tensor referenced until the stream is synchronized.
         buffers: dict[str, torch.Tensor] = {}
         for name in self.input_names:

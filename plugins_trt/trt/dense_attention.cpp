@@ -1,0 +1,68 @@
+// DenseAttention (attn_export/ops/dense_attention.py): fields and input shapes -> kernel params.
+#include "ops.h"
+
+namespace attn_export {
+namespace trt_plugins {
+
+namespace c = contracts::dense_attention;
+
+Status DenseAttentionOp::checkFields(FieldValues const& f) {
+  if (f.getInt(c::kNumHeads) < 1) return Status::error("num_heads must be at least 1");
+  int32_t const causal = f.getInt(c::kCausal);
+  if (causal != 0 && causal != 1) return Status::error("causal must be 0 or 1");
+  return Status();
+}
+
+Status DenseAttentionOp::makeParams(FieldValues const& f, TensorShape const* in, int32_t nbInputs, Params& p) {
+  ATTN_EXPORT_TRY(checkInputs(spec(), in, nbInputs));
+  TensorShape const& q = in[0];
+  TensorShape const& k = in[1];
+  TensorShape const& v = in[2];
+  bool const hasBias = nbInputs > 3;
+  p = Params{};
+  p.num_heads = f.getInt(c::kNumHeads);
+  p.scale = f.getFloat(c::kScale);
+  p.causal = f.getInt(c::kCausal);
+  p.batch = extent(q.d[0]);
+  p.q_len = extent(q.d[1]);
+  p.kv_len = extent(k.d[1]);
+  p.head_dim = p.num_heads > 0 ? extent(q.d[2]) / p.num_heads : 0;
+  p.v_head_dim = p.num_heads > 0 ? extent(v.d[2]) / p.num_heads : 0;
+  p.bias_batch = hasBias ? extent(in[3].d[0]) : 1;
+  p.bias_heads = hasBias ? extent(in[3].d[1]) : 1;
+
+  if (p.num_heads < 1 || q.d[2] % p.num_heads != 0 || v.d[2] % p.num_heads != 0) {
+    return Status::error("the query width " + std::to_string(q.d[2]) + " and the value width " +
+                         std::to_string(v.d[2]) + " must be multiples of num_heads " + std::to_string(p.num_heads));
+  }
+  if (k.d[0] != q.d[0] || k.d[2] != q.d[2]) {
+    return Status::error(describeInput(spec(), in, 1) + " must match the query " + shapeString(q) +
+                         " in batch and width");
+  }
+  if (v.d[0] != q.d[0] || v.d[1] != k.d[1]) {
+    return Status::error(describeInput(spec(), in, 2) + " must match the key " + shapeString(k) +
+                         " in batch and length");
+  }
+  if (hasBias) {
+    TensorShape const& bias = in[3];
+    bool const ok = (bias.d[0] == 1 || bias.d[0] == q.d[0]) && (bias.d[1] == 1 || bias.d[1] == p.num_heads) &&
+                    bias.d[2] == q.d[1] && bias.d[3] == k.d[1];
+    if (!ok) {
+      return Status::error(describeInput(spec(), in, 3) + " must be [1 or " + std::to_string(q.d[0]) + ", 1 or " +
+                           std::to_string(p.num_heads) + ", " + std::to_string(q.d[1]) + ", " +
+                           std::to_string(k.d[1]) + "]");
+    }
+  }
+  return Status();
+}
+
+void DenseAttentionOp::bind(Params& p, void const* const* inputs, int32_t nbInputs, void* output) {
+  p.query = inputs[0];
+  p.key = inputs[1];
+  p.value = inputs[2];
+  p.bias = nbInputs > 3 ? inputs[3] : nullptr;
+  p.output = output;
+}
+
+}  // namespace trt_plugins
+}  // namespace attn_export
