@@ -102,8 +102,8 @@ def check_plugins() -> Finding:
         return Finding("plugins", False, str(e))
     if library is None:
         where = " or ".join(str(p.parent) for p in tensorrt_runner._PLUGIN_BUILD_PATHS)
-        return Finding("plugins", False, f"not built: no {tensorrt_runner.PLUGIN_LIB_NAME} in {where} (build "
-                                         f"plugins_trt with CMake, or set {tensorrt_runner.PLUGIN_LIB_ENV})")
+        return Finding("plugins", False, f"not built: no {tensorrt_runner.PLUGIN_LIB_NAME} in {where} (run "
+                                         f"`attn-export plugins build`, or set {tensorrt_runner.PLUGIN_LIB_ENV})")
     trt, why = _importable_tensorrt()
     if trt is None:
         return Finding("plugins", False, f"{library}; its creators cannot be listed: {why}")

@@ -196,7 +196,8 @@ def build_engine(
     if override is not None:
         parser.set_flag(override)
     if not parser.parse_from_file(str(fused_onnx)):
-        hint = "" if plugin_library else " (no plugin library loaded: build plugins_trt or set ATTN_EXPORT_PLUGIN_LIB)"
+        hint = "" if plugin_library else (" (no plugin library loaded: run `attn-export plugins build` or set "
+                                          f"{PLUGIN_LIB_ENV})")
         raise UserError(f"{fused_onnx}: TensorRT could not parse the model: {_parser_errors(parser)}{hint}")
 
     _check_profiles(network, profiles)
