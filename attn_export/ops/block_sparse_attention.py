@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from onnx import numpy_helper
 
-from .contract import Attribute, OpContract, TensorSpec, split_heads
+from .contract import Attribute, OpContract, TensorSpec, shape_of_first_input, split_heads
 from .onnx_builder import OnnxBuilder
 
 FLOATS = ("float32", "float16", "bfloat16")
@@ -132,10 +132,6 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
     b.merge_heads(b.op("CastLike", b.op("Reshape", out_blocks, b.op("Shape", q)), dtype_ref), outputs[0])
 
 
-def output_shapes(input_shapes, attrs):
-    return [tuple(input_shapes[0])]
-
-
 CONTRACT = OpContract(
     op_type="BlockSparseAttention",
     version=1,
@@ -155,5 +151,5 @@ CONTRACT = OpContract(
     ),
     reference=reference,
     decompose=decompose,
-    output_shapes=output_shapes,
+    output_shapes=shape_of_first_input,
 )

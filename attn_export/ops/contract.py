@@ -21,6 +21,17 @@ def split_heads(x, num_heads: int):
     return x.reshape(b, n, num_heads, -1).transpose(1, 2)
 
 
+def shape_of_first_input(input_shapes, attrs):
+    """Output shape rule: the output is shaped like input 0."""
+    return [tuple(input_shapes[0])]
+
+
+def query_rows_value_width(input_shapes, attrs):
+    """Output shape rule for attention: [B, N, H*Dv], rows of the query (input 0), width of the value (input 2)."""
+    (batch, n, _), (_, _, value_width) = input_shapes[0], input_shapes[2]
+    return [(batch, n, value_width)]
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str

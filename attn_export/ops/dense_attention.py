@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from onnx import numpy_helper
 
-from .contract import Attribute, OpContract, TensorSpec, split_heads
+from .contract import Attribute, OpContract, TensorSpec, query_rows_value_width, split_heads
 from .onnx_builder import OnnxBuilder
 
 FLOATS = ("float32", "float16", "bfloat16")
@@ -63,11 +63,6 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
     b.merge_heads(out, outputs[0])
 
 
-def output_shapes(input_shapes, attrs):
-    (batch, nq, _), (_, _, value_width) = input_shapes[0], input_shapes[2]
-    return [(batch, nq, value_width)]
-
-
 CONTRACT = OpContract(
     op_type="DenseAttention",
     version=1,
@@ -86,5 +81,5 @@ CONTRACT = OpContract(
     ),
     reference=reference,
     decompose=decompose,
-    output_shapes=output_shapes,
+    output_shapes=query_rows_value_width,
 )

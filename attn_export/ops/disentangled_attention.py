@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from .contract import Attribute, OpContract, TensorSpec, split_heads
+from .contract import Attribute, OpContract, TensorSpec, shape_of_first_input, split_heads
 from .onnx_builder import OnnxBuilder
 
 FLOATS = ("float32", "float16", "bfloat16")
@@ -104,10 +104,6 @@ def _relative_index(b: OnnxBuilder, nq: str, nk: str, span: int, max_position: i
     return b.op("Clip", shifted, b.const(0), b.const(2 * span - 1))
 
 
-def output_shapes(input_shapes, attrs):
-    return [tuple(input_shapes[0])]
-
-
 CONTRACT = OpContract(
     op_type="DisentangledAttention",
     version=1,
@@ -128,5 +124,5 @@ CONTRACT = OpContract(
     ),
     reference=reference,
     decompose=decompose,
-    output_shapes=output_shapes,
+    output_shapes=shape_of_first_input,
 )

@@ -22,7 +22,7 @@ import math
 import numpy as np
 import torch
 
-from .contract import Attribute, OpContract, TensorSpec, split_heads
+from .contract import Attribute, OpContract, TensorSpec, query_rows_value_width, split_heads
 from .onnx_builder import OnnxBuilder
 
 FLOATS = ("float32", "float16", "bfloat16")
@@ -161,11 +161,6 @@ def _causal_sums(b: OnnxBuilder, phi_q: str, phi_k: str, v: str):
     return unchunked(num), unchunked(den)
 
 
-def output_shapes(input_shapes, attrs):
-    (batch, n, _), (_, _, value_width) = input_shapes[0], input_shapes[2]
-    return [(batch, n, value_width)]  # [B, N, H*Dv]: the value's head dim, not the query's
-
-
 CONTRACT = OpContract(
     op_type="KernelizedAttention",
     version=1,
@@ -187,5 +182,5 @@ CONTRACT = OpContract(
     ),
     reference=reference,
     decompose=decompose,
-    output_shapes=output_shapes,
+    output_shapes=query_rows_value_width,
 )

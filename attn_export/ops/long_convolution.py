@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .contract import Attribute, OpContract, TensorSpec
+from .contract import Attribute, OpContract, TensorSpec, shape_of_first_input
 from .onnx_builder import OnnxBuilder
 
 FLOATS = ("float32", "float16", "bfloat16")
@@ -63,10 +63,6 @@ def _causal(b: OnnxBuilder, x: str, kernel: str, n: str, channels: int) -> str:
     return b.op("Transpose", b.op("Conv", padded, weight, group=channels), perm=[0, 2, 1])
 
 
-def output_shapes(input_shapes, attrs):
-    return [tuple(input_shapes[0])]
-
-
 CONTRACT = OpContract(
     op_type="LongConvolution",
     version=1,
@@ -83,5 +79,5 @@ CONTRACT = OpContract(
     ),
     reference=reference,
     decompose=decompose,
-    output_shapes=output_shapes,
+    output_shapes=shape_of_first_input,
 )

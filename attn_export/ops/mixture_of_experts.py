@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from .contract import Attribute, OpContract, TensorSpec
+from .contract import Attribute, OpContract, TensorSpec, shape_of_first_input
 from .onnx_builder import OnnxBuilder
 
 FLOATS = ("float32", "float16", "bfloat16")
@@ -79,10 +79,6 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
     b.op("CastLike", combined, hidden, outputs=[outputs[0]])
 
 
-def output_shapes(input_shapes, attrs):
-    return [tuple(input_shapes[0])]
-
-
 CONTRACT = OpContract(
     op_type="MixtureOfExperts",
     version=1,
@@ -101,5 +97,5 @@ CONTRACT = OpContract(
     ),
     reference=reference,
     decompose=decompose,
-    output_shapes=output_shapes,
+    output_shapes=shape_of_first_input,
 )
