@@ -99,3 +99,16 @@ def test_fused_graph_that_disagrees_is_refused(monkeypatch, tmp_path):
     with pytest.raises(UserError, match="refusing to write the fused graph"):
         api.fuse(model, tmp_path / "fused.onnx")
     assert not (tmp_path / "fused.onnx").exists()
+
+
+@pytest.mark.parametrize("name,layer,reason", [
+    ("flash", "layers.0", "product of two data tensors"),  # relu^2 attention: no softmax at all
+    ("switch", "layers.1.mlp", "product of two data tensors"),  # the MoE dispatch
+    ("spade", "layers.0.attention.s4", "long convolution"),  # the S4 layer
+])
+def test_layers_without_a_softmax_are_reported_never_skipped(name, layer, reason):
+    _, model, _ = _export(name, "dynamo", True)
+    _, report = fuse_graph(model)
+    row = next((r for r in report.layers if r.name == layer), None)
+    assert row is not None and row.status == "not fused" and reason in row.reason, report.as_dict()
+    assert not report.all_fused  # so --strict fails instead of passing over the layer

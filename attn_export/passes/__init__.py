@@ -86,10 +86,45 @@ def fuse_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
         if core in (NO_SCORE_PRODUCT, NO_VALUE_PRODUCT):
             continue  # a softmax that is not attention (a classifier head, a gate)
         report.layers.append(LayerResult(_unique(layer_name(softmax), report), "", "not fused", reason))
+    _report_leftovers(index, probe, claimed, report)
     replace_all(fused, matches, index.static)
     remove_dead_nodes(fused.graph)  # first: shape nodes that read the removed tensors go with them
     topological_sort(fused.graph)
     return fused, report
+
+
+LONG_CONVOLUTION_TAPS = 64
+
+
+def _report_leftovers(index: GraphIndex, probe: Probe, claimed: set[int], report: FusionReport) -> None:
+    """The safety net for mechanisms without a softmax (FLASH's relu^2, linear attention, MoE dispatch, S4): a
+    product of two data tensors, or a convolution with a long kernel, that no pass claimed is reported per layer, so
+    `--strict` cannot pass over it."""
+    reported = {layer.name.split("#")[0] for layer in report.layers}
+    explained = set(claimed) | _softmax_products(index)  # already reported with their softmax
+    for node in index.nodes:
+        if id(node) in explained:
+            continue
+        if node.op_type == "MatMul" and len(index.dynamic_inputs(node)) == 2:
+            reason = "a product of two data tensors (attention-like) that no fusion pass matched"
+        elif node.op_type == "Conv" and (probe.shape(node.input[1]) or (0,))[-1] >= LONG_CONVOLUTION_TAPS:
+            reason = f"a long convolution ({probe.shape(node.input[1])[-1]} taps) that no fusion pass matched"
+        else:
+            continue
+        name = layer_name(node)
+        if name not in reported:
+            reported.add(name)
+            report.layers.append(LayerResult(name, "", "not fused", reason))
+
+
+def _softmax_products(index: GraphIndex, depth: int = 6) -> set[int]:
+    """The products right around every softmax (its QK^T and its PV): part of the softmax's own report line."""
+    found = set()
+    for softmax in softmax_nodes(index):
+        for step in (index.ancestors(softmax.input[0], stop=set())[:depth],
+                     index.descendants(set(softmax.output))[:depth]):
+            found.update(id(n) for n in step if n.op_type == "MatMul")
+    return found
 
 
 def _anchor(candidate) -> onnx.NodeProto:
