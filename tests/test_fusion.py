@@ -18,7 +18,8 @@ def _export(name, exporter, dynamic, causal=False):
         config.causal = True
     torch.manual_seed(0)
     module = entry.build(config).eval()
-    lengths = entry.parity_seq_lens(config) if dynamic else [8 * getattr(config, "block_size", 16)]
+    lengths = entry.parity_seq_lens(config)
+    lengths = lengths if dynamic else lengths[:1]
     inputs = [entry.example_inputs(config, 2, n) for n in lengths]
     probe = [{k: list(v.shape) for k, v in x.items()} for x in inputs]
     model = export_onnx(module, inputs[0], dynamic_axes=entry.dynamic_axes if dynamic else None, exporter=exporter,
@@ -112,3 +113,19 @@ def test_layers_without_a_softmax_are_reported_never_skipped(name, layer, reason
     row = next((r for r in report.layers if r.name == layer), None)
     assert row is not None and row.status == "not fused" and reason in row.reason, report.as_dict()
     assert not report.all_fused  # so --strict fails instead of passing over the layer
+
+
+DENSE_FAMILY = [(name, exporter, dynamic) for name in ("hypercube", "vit", "treeformer", "deberta", "mgk")
+                for exporter, dynamic in (("dynamo", True), ("torchscript", True), ("dynamo", False))]
+
+
+@pytest.mark.parametrize("name,exporter,dynamic", DENSE_FAMILY)
+def test_more_zoo_models_fuse_every_layer_with_parity(name, exporter, dynamic):
+    module, model, inputs = _export(name, exporter, dynamic)
+    fused, report = api.fuse(model)  # refuses a fused graph that differs from the reference graph
+    assert report.attention_layers == module.config.num_layers and report.all_fused, report.as_dict()
+    runner = OnnxRuntimeRunner(fused, "fused")
+    with torch.no_grad():
+        for feeds in inputs:
+            got = next(iter(runner.run({k: v.numpy() for k, v in feeds.items()}).values()))
+            np.testing.assert_allclose(got, module(*feeds.values()).numpy(), atol=1e-4, rtol=1e-3)

@@ -118,15 +118,23 @@ def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -
         raise NotFused(f"queries are not split in heads (shape {per_head_q}, expected [B, H, N, D])")
     batch, heads, q_len, head_dim = per_head_q
     v_head_dim = per_head_v[3]
-    for tensor, width, what in ((q, heads * head_dim, "query"), (k, heads * head_dim, "key"),
-                                (v, heads * v_head_dim, "value")):
-        shape = probe.shape(tensor)
-        if shape is None or len(shape) != 3 or shape[2] != width or shape[0] != batch:
-            raise NotFused(f"{what} {shape} is not [B, N, {heads}*{width // heads}] (mismatched head count?)")
+    layouts = [_op_layout(probe, tensor, batch, heads, dim, what, name)
+               for tensor, dim, what in ((q, head_dim, "query"), (k, head_dim, "key"), (v, v_head_dim, "value"))]
+    op_inputs = [layout[0] for layout in layouts]
+    layout_values = [layout[1] for layout in layouts]
+    new_nodes = [n for layout in layouts for n in layout[2]]
+    new_inits = [t for layout in layouts for t in layout[3]]
 
     output = _merged_output(index, probe, pv.output[0], (batch, q_len, heads * v_head_dim))
-    if output is None:
-        raise NotFused("no [B, N, H*D] output where the heads merge back")
+    op_output, expected = output, output
+    if output is None:  # the heads are not merged right away (e.g. a guard on the per-head output)
+        output, op_output = pv.output[0], f"{name}/output"
+        new_nodes += _split_heads_nodes(op_output, output, heads, name)
+        new_inits.append(constant(f"{name}/split_shape", np.array([0, 0, heads, -1], np.int64)))
+
+        def expected(run):
+            x = probe.runs[run][pv.output[0]]
+            return x.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], -1)
     sides = chain.side_inputs(index)
     nodes, outside = region(index, [q, k, v, *sides], output)
     if outside:
@@ -135,21 +143,49 @@ def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -
     check_no_escape(index, nodes, output)
 
     attrs = {"num_heads": heads, "scale": chain.scale * q_factor * k_factor, "causal": 0}
-    bias_nodes, bias, new_inits = [], None, []
+    bias_nodes, bias, bias_inits = [], None, []
     if chain.has_bias:
-        bias_nodes, bias, new_inits = _bias_nodes(index, probe, chain, name)
-    new_names = {t.name for t in new_inits}
+        bias_nodes, bias, bias_inits = _bias_nodes(index, probe, chain, name)
+    new_names = {t.name for t in bias_inits}
     static_bias = bias and all(index.is_static(t) or t in new_names for t in _read_tensors(bias_nodes))
-    if static_bias and not has_dynamic_shapes(index.model):
-        block_sparse = _as_block_sparse(probe, _evaluate(bias_nodes, bias, new_inits, probe.runs[0]), name,
+    if static_bias and not has_dynamic_shapes(index.model) and not new_nodes:
+        block_sparse = _as_block_sparse(probe, _evaluate(bias_nodes, bias, bias_inits, probe.runs[0]), name,
                                         [q, k, v], output, attrs, nodes)
         if block_sparse is not None:
             return block_sparse
-    inputs = [q, k, v] + ([lambda run: _evaluate(bias_nodes, bias, new_inits, probe.runs[run])] if bias else [])
-    why = verify_numerically(OP, probe, inputs, output, attrs)
+    inputs = layout_values + ([lambda run: _evaluate(bias_nodes, bias, bias_inits, probe.runs[run])] if bias else [])
+    why = verify_numerically(OP, probe, inputs, expected, attrs)
     if why:
         raise NotFused(f"the op's reference does not reproduce the graph: {why}")
-    return Match(OP, name, [q, k, v] + ([bias] if bias else []), output, attrs, nodes, new_inits, bias_nodes)
+    return Match(OP, name, op_inputs + ([bias] if bias else []), op_output, attrs, nodes, new_inits + bias_inits,
+                 new_nodes + bias_nodes)
+
+
+def _split_heads_nodes(op_output: str, per_head: str, heads: int, name: str) -> list:
+    """[B, N, H*Dv] from the op back to the graph's per-head [B, H, N, Dv] tensor."""
+    return [helper.make_node("Reshape", [op_output, f"{name}/split_shape"], [f"{name}/output_split"],
+                             name=f"{name}/output_reshape"),
+            helper.make_node("Transpose", [f"{name}/output_split"], [per_head], perm=[0, 2, 1, 3],
+                             name=f"{name}/output_transpose")]
+
+
+def _op_layout(probe: Probe, tensor: str, batch: int, heads: int, dim: int, what: str, name: str):
+    """How the op reads a q/k/v boundary tensor: as is when it is [B, N, H*D]; through a new Transpose + Reshape
+    when the walk stopped at a per-head [B, H, N, D] tensor (e.g. MGK's keys, concatenated per head).
+    Returns (op input name, probe value of it per run, new nodes, new initializers)."""
+    shape = probe.shape(tensor)
+    if shape is not None and len(shape) == 3 and shape[0] == batch and shape[2] == heads * dim:
+        return tensor, tensor, [], []
+    if shape is None or len(shape) != 4 or tuple(shape[:2]) != (batch, heads) or shape[3] != dim:
+        raise NotFused(f"{what} {shape} is not [B, N, {heads}*{dim}] (mismatched head count?)")
+    merged, target = f"{name}/{what}", f"{name}/{what}_shape"
+    nodes = [helper.make_node("Transpose", [tensor], [f"{merged}_t"], perm=[0, 2, 1, 3], name=f"{merged}_transpose"),
+             helper.make_node("Reshape", [f"{merged}_t", target], [merged], name=f"{merged}_merge")]
+
+    def value(run):
+        x = probe.runs[run][tensor]
+        return x.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], -1)
+    return merged, value, nodes, [constant(target, np.array([0, 0, -1], np.int64))]
 
 
 def _read_tensors(nodes: list) -> set[str]:

@@ -166,14 +166,14 @@ def _only_feeds(index: GraphIndex, node: onnx.NodeProto, ids: set[int]) -> bool:
     return True
 
 
-def verify_numerically(contract: OpContract, probe: Probe, inputs: list, output: str, attrs: dict,
+def verify_numerically(contract: OpContract, probe: Probe, inputs: list, output, attrs: dict,
                        atol: float = 1e-4, rtol: float = 1e-3) -> str:
     """Empty string when the op's reference reproduces the graph's output at every probe; else why not.
-    `inputs` holds tensor names (values read from the probe) or callables run -> array."""
+    `inputs` and `output` hold tensor names (values read from the probe) or callables run -> array."""
     for run in range(len(probe.runs)):
         values = probe.runs[run]
         args = [torch.from_numpy(np.asarray(x(run) if callable(x) else values[x])) for x in inputs]
-        expected = values[output]
+        expected = output(run) if callable(output) else values[output]
         try:
             got = contract.reference(*args, **attrs).numpy()
         except Exception as e:  # a wrong guess of attributes or roles; report it as a mismatch
