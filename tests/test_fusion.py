@@ -104,7 +104,6 @@ def test_fused_graph_that_disagrees_is_refused(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("name,layer,reason", [
     ("flash", "layers.0", "product of two data tensors"),  # relu^2 attention: no softmax at all
-    ("switch", "layers.1.mlp", "product of two data tensors"),  # the MoE dispatch
     ("spade", "layers.0.attention.s4", "long convolution"),  # the S4 layer
 ])
 def test_layers_without_a_softmax_are_reported_never_skipped(name, layer, reason):
@@ -124,6 +123,23 @@ def test_more_zoo_models_fuse_every_layer_with_parity(name, exporter, dynamic):
     module, model, inputs = _export(name, exporter, dynamic)
     fused, report = api.fuse(model)  # refuses a fused graph that differs from the reference graph
     assert report.attention_layers == module.config.num_layers and report.all_fused, report.as_dict()
+    runner = OnnxRuntimeRunner(fused, "fused")
+    with torch.no_grad():
+        for feeds in inputs:
+            got = next(iter(runner.run({k: v.numpy() for k, v in feeds.items()}).values()))
+            np.testing.assert_allclose(got, module(*feeds.values()).numpy(), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("exporter,dynamic", [("dynamo", True), ("torchscript", True), ("dynamo", False)])
+def test_switch_fuses_attention_and_its_mixture_of_experts(exporter, dynamic):
+    module, model, inputs = _export("switch", exporter, dynamic)
+    fused, report = api.fuse(model)
+    assert report.all_fused and report.attention_layers == 3, report.as_dict()
+    ops = sorted(n.op_type for n in fused.graph.node if n.domain == "attn_export")
+    assert ops == ["DenseAttention", "DenseAttention", "MixtureOfExperts"]
+    moe = next(layer for layer in report.layers if layer.op == "MixtureOfExperts")
+    if dynamic:
+        assert moe.attributes["capacity"] == 0 and moe.attributes["capacity_factor"] == module.config.capacity_factor
     runner = OnnxRuntimeRunner(fused, "fused")
     with torch.no_grad():
         for feeds in inputs:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from . import block_sparse, dense_attention, linear_attention, onnx_attention
+from . import block_sparse, dense_attention, linear_attention, mixture_of_experts, onnx_attention
 from .framework import LayerResult, NotFused, replace_all
 from .graph import GraphIndex, remove_dead_nodes, topological_sort
 from .probe import Probe
@@ -15,7 +15,8 @@ from .softmax_core import NO_SCORE_PRODUCT, NO_VALUE_PRODUCT, find_core, softmax
 # (family name, module with candidates(index, probe) and match(index, probe, candidate, name))
 # dense last: it takes the softmax attention no more specific family claimed
 FAMILY_PASSES = (("block_sparse", block_sparse), ("linear_attention", linear_attention),
-                 ("onnx_attention", onnx_attention), ("dense_attention", dense_attention))
+                 ("mixture_of_experts", mixture_of_experts), ("onnx_attention", onnx_attention),
+                 ("dense_attention", dense_attention))
 
 
 @dataclass

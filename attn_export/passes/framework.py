@@ -172,7 +172,7 @@ def verify_numerically(contract: OpContract, probe: Probe, inputs: list, output,
     `inputs` and `output` hold tensor names (values read from the probe) or callables run -> array."""
     for run in range(len(probe.runs)):
         values = probe.runs[run]
-        args = [torch.from_numpy(np.asarray(x(run) if callable(x) else values[x])) for x in inputs]
+        args = [torch.from_numpy(np.array(x(run) if callable(x) else values[x])) for x in inputs]
         expected = output(run) if callable(output) else values[output]
         try:
             got = contract.reference(*args, **attrs).numpy()
