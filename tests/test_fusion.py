@@ -104,7 +104,6 @@ def test_fused_graph_that_disagrees_is_refused(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("name,layer,reason", [
     ("flash", "layers.0", "product of two data tensors"),  # relu^2 attention: no softmax at all
-    ("spade", "layers.0.attention.s4", "long convolution"),  # the S4 layer
 ])
 def test_layers_without_a_softmax_are_reported_never_skipped(name, layer, reason):
     _, model, _ = _export(name, "dynamo", True)
@@ -145,3 +144,13 @@ def test_switch_fuses_attention_and_its_mixture_of_experts(exporter, dynamic):
         for feeds in inputs:
             got = next(iter(runner.run({k: v.numpy() for k, v in feeds.items()}).values()))
             np.testing.assert_allclose(got, module(*feeds.values()).numpy(), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_spade_state_space_layer_fuses_into_long_convolution(exporter):
+    module, model, inputs = _export("spade", exporter, True)
+    fused, report = api.fuse(model)  # refuses a fused graph that differs from the reference graph
+    s4 = next(layer for layer in report.layers if layer.name.endswith("s4"))
+    assert s4.status == "fused" and s4.op == "LongConvolution", report.as_dict()
+    assert s4.attributes["channels"] == module.config.hidden
+    assert not [n for n in fused.graph.node if n.op_type == "Conv"]

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from . import block_sparse, dense_attention, linear_attention, mixture_of_experts, onnx_attention
+from . import (block_sparse, dense_attention, linear_attention, long_convolution, mixture_of_experts,
+               onnx_attention)
 from .framework import LayerResult, NotFused, replace_all
 from .graph import GraphIndex, remove_dead_nodes, topological_sort
 from .probe import Probe
@@ -15,7 +16,8 @@ from .softmax_core import NO_SCORE_PRODUCT, NO_VALUE_PRODUCT, find_core, softmax
 # (family name, module with candidates(index, probe) and match(index, probe, candidate, name))
 # dense last: it takes the softmax attention no more specific family claimed
 FAMILY_PASSES = (("block_sparse", block_sparse), ("linear_attention", linear_attention),
-                 ("mixture_of_experts", mixture_of_experts), ("onnx_attention", onnx_attention),
+                 ("mixture_of_experts", mixture_of_experts), ("long_convolution", long_convolution),
+                 ("onnx_attention", onnx_attention),
                  ("dense_attention", dense_attention))
 
 
@@ -94,9 +96,6 @@ def fuse_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
     return fused, report
 
 
-LONG_CONVOLUTION_TAPS = 64
-
-
 def _report_leftovers(index: GraphIndex, probe: Probe, claimed: set[int], report: FusionReport) -> None:
     """The safety net for mechanisms without a softmax (FLASH's relu^2, linear attention, MoE dispatch, S4): a
     product of two data tensors, or a convolution with a long kernel, that no pass claimed is reported per layer, so
@@ -108,7 +107,7 @@ def _report_leftovers(index: GraphIndex, probe: Probe, claimed: set[int], report
             continue
         if node.op_type == "MatMul" and len(index.dynamic_inputs(node)) == 2:
             reason = "a product of two data tensors (attention-like) that no fusion pass matched"
-        elif node.op_type == "Conv" and (probe.shape(node.input[1]) or (0,))[-1] >= LONG_CONVOLUTION_TAPS:
+        elif node.op_type == "Conv" and (probe.shape(node.input[1]) or (0,))[-1] >= long_convolution.LONG_TAPS:
             reason = f"a long convolution ({probe.shape(node.input[1])[-1]} taps) that no fusion pass matched"
         else:
             continue
