@@ -47,7 +47,7 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
     else:
         head_dim = b.op("Cast", b.dim(b.op("Shape", qf), 3), to=1)
         scale = b.op("Reciprocal", b.op("Sqrt", head_dim))
-    scores = b.op("Mul", b.op("MatMul", qf, b.transpose_last(kf, 4)), scale)
+    scores = b.op("MatMul", b.op("Mul", qf, scale), b.transpose_last(kf, 4))  # scaling q: N*D products, not N*N
     if bias:
         scores = b.op("Add", scores, b.op("Cast", bias, to=1))
     if attrs["causal"]:
@@ -58,7 +58,8 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
         future = b.op("Cast", b.op("Trilu", ones, b.op("Add", b.op("Sub", nk, nq), b.const([1])), upper=1), to=9)
         scores = b.op("Where", future, b.const(-np.inf, np.float32), scores)
     probs = b.op("Softmax", scores, axis=-1)
-    probs = b.op("Where", b.op("IsNaN", probs), b.const(0.0, np.float32), probs)
+    if bias or attrs["causal"]:  # only a mask can hide every key of a row; such a row gives zeros, not NaN
+        probs = b.op("Where", b.op("IsNaN", probs), b.const(0.0, np.float32), probs)
     out = b.op("CastLike", b.op("MatMul", probs, vf), q)
     b.merge_heads(out, outputs[0])
 
