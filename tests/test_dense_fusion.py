@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from attn_export import api
@@ -166,3 +168,40 @@ def test_constant_block_mask_becomes_block_sparse_with_the_derived_layout():
     layout = numpy_helper.to_array(table)[0]
     assert [sorted(j for j in row if j >= 0) for row in layout] == [[0], [0, 1], [0, 2], [0, 3]]
     assert report.layers[0].attributes["block_size"] == 8
+
+
+class ConfigurableAttention(nn.Module):
+    def __init__(self, heads: int, head_dim: int, style: str):
+        super().__init__()
+        self.heads, self.style = heads, style
+        width = heads * head_dim
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        if self.style == "sdpa":
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            o = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ v
+        return self.out(o.transpose(1, 2).reshape(b, n, -1))
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(heads=st.integers(1, 4), head_dim=st.sampled_from([4, 8, 16]), n=st.integers(3, 40),
+       style=st.sampled_from(["sdpa", "explicit"]), exporter=st.sampled_from(["dynamo", "torchscript"]))
+def test_random_valid_configurations_fuse_and_keep_parity(heads, head_dim, n, style, exporter):
+    torch.manual_seed(n)
+    module = ConfigurableAttention(heads, head_dim, style).eval()
+    lengths = (n, n + 7)
+    inputs = [{"x": torch.randn(2, length, heads * head_dim)} for length in lengths]
+    model = export_onnx(module, inputs[0], dynamic_axes={"x": {0: "batch", 1: "seq"}}, exporter=exporter,
+                        probe_shapes=[{"x": list(x["x"].shape)} for x in inputs])
+    fused, report = api.fuse(model)
+    assert report.all_fused and report.attention_layers == 1, report.as_dict()
+    assert report.layers[0].attributes["num_heads"] == heads
+    runner = OnnxRuntimeRunner(fused, "fused")
+    with torch.no_grad():
+        for feeds in inputs:
+            got = runner.run({"x": feeds["x"].numpy()})
+            np.testing.assert_allclose(next(iter(got.values())), module(feeds["x"]).numpy(), atol=1e-4, rtol=1e-3)
