@@ -3,7 +3,6 @@ with their reason, never fused wrongly."""
 import math
 
 import numpy as np
-
 import pytest
 import torch
 import torch.nn.functional as F
