@@ -65,9 +65,9 @@ def test_strict_fuse_exits_1_when_attention_is_not_fused(capsys, tmp_path):
 
     from attn_export.export import export_onnx, save_onnx
 
-    class Dense(torch.nn.Module):
+    class Dense(torch.nn.Module):  # softmax over the query axis: attention no pass may fuse
         def forward(self, q, k, v):
-            return torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+            return torch.softmax(q @ k.transpose(-1, -2), -2) @ v
 
     q = torch.randn(1, 2, 16, 8)
     save_onnx(export_onnx(Dense(), {"q": q, "k": q, "v": q}), tmp_path / "dense.onnx")
