@@ -5,12 +5,11 @@ Each check returns a Finding; none of them raises, because a broken install is e
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 from .backends import tensorrt_runner
-from .errors import UserError
+from .errors import UserError, one_line
 from .ops import OPS
 from .ops.contract import PLUGIN_NAMESPACE
 
@@ -23,10 +22,6 @@ class Finding:
     name: str
     ok: bool
     detail: str
-
-
-def _one_line(text) -> str:
-    return " ".join(str(text).split())
 
 
 def check_torch() -> Finding:
@@ -66,25 +61,6 @@ def check_tensorrt() -> Finding:
     return Finding("tensorrt", ok, reason)
 
 
-def _importable_tensorrt():
-    """The tensorrt module when it imports and is new enough to load our plugins (a GPU is not needed to list
-    creators), else (None, why)."""
-    try:
-        trt = importlib.import_module("tensorrt")
-    except ImportError:
-        return None, tensorrt_runner.NOT_INSTALLED
-    except Exception as e:
-        return None, _one_line(f"TensorRT cannot be imported: {e}")
-    version = str(getattr(trt, "__version__", "0"))
-    try:
-        too_old = tuple(int(p) for p in version.split(".")[:2]) < tensorrt_runner.MIN_VERSION
-    except ValueError:
-        too_old = True
-    if too_old:
-        return None, f"TensorRT {version} is too old: attn-export needs 10.3 or newer (IPluginV3 plugins)"
-    return trt, ""
-
-
 def _creators(trt) -> list[tuple[str, str, str]]:
     registry = trt.get_plugin_registry()
     creators = getattr(registry, "all_creators", None)
@@ -104,7 +80,7 @@ def check_plugins() -> Finding:
         where = " or ".join(str(p.parent) for p in tensorrt_runner._PLUGIN_BUILD_PATHS)
         return Finding("plugins", False, f"not built: no {tensorrt_runner.PLUGIN_LIB_NAME} in {where} (run "
                                          f"`attn-export plugins build`, or set {tensorrt_runner.PLUGIN_LIB_ENV})")
-    trt, why = _importable_tensorrt()
+    trt, why = tensorrt_runner.importable_tensorrt()
     if trt is None:
         return Finding("plugins", False, f"{library}; its creators cannot be listed: {why}")
     try:
@@ -134,9 +110,9 @@ def diagnose() -> list[Finding]:
         try:
             findings.append(check())
         except ImportError as e:
-            findings.append(Finding(name, False, _one_line(f"cannot be imported: {e}")[:300]))
+            findings.append(Finding(name, False, one_line(f"cannot be imported: {e}")[:300]))
         except Exception as e:  # a broken install: say what broke, keep going
-            findings.append(Finding(name, False, _one_line(f"check failed: {type(e).__name__}: {e}")[:300]))
+            findings.append(Finding(name, False, one_line(f"check failed: {type(e).__name__}: {e}")[:300]))
     return findings
 
 

@@ -33,7 +33,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attn_export.atomic import atomic_path
-from attn_export.errors import UserError
+from attn_export.errors import UserError, one_line
 from models import registry
 
 ZOO_FORMAT = "attn-export/zoo-checkpoint"
@@ -50,12 +50,8 @@ class _LoadError(Exception):
     """A problem with the file; load_model turns it into UserError("<path>: <problem>")."""
 
 
-def _one_line(text: Any) -> str:
-    return " ".join(str(text).split())
-
-
 def _user_error(path: Path, problem: Any) -> UserError:
-    return UserError(_one_line(f"{path}: {problem}"))
+    return UserError(one_line(f"{path}: {problem}"))
 
 
 @contextlib.contextmanager
@@ -145,7 +141,7 @@ def _load(path: Path) -> LoadedModel:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
         except (zipfile.BadZipFile, OSError, ValueError) as e:
-            raise _LoadError(f"truncated or corrupt zip archive ({_one_line(e)})") from None
+            raise _LoadError(f"truncated or corrupt zip archive ({one_line(e)})") from None
         if any(n.split("/", 1)[-1] == "archive_format" for n in names):
             return _load_pt2(path)
         if any(n.endswith("serialized_exported_program.json") for n in names):
@@ -253,7 +249,7 @@ def _load_zoo(path: Path, obj) -> LoadedModel:
     except ValueError as e:
         raise _LoadError(f"invalid {arch} config: {e}") from None
     except (RuntimeError, MemoryError) as e:  # e.g. an allocation the machine cannot make
-        raise _LoadError(f"cannot build {arch} with this config: {_one_line(e)[:200]}") from None
+        raise _LoadError(f"cannot build {arch} with this config: {one_line(e)[:200]}") from None
     _load_state_dict(module, state_dict, arch)
     module.eval()
     batch, seq_len = example["batch"], example["seq_len"]
@@ -581,16 +577,16 @@ def _load_pt2(path: Path) -> LoadedModel:
     except _LoadError:
         raise
     except (zipfile.BadZipFile, OSError, EOFError) as e:  # damaged entries show up as we read them
-        raise _LoadError(f"truncated or corrupt torch.export archive ({_one_line(e)})") from None
+        raise _LoadError(f"truncated or corrupt torch.export archive ({one_line(e)})") from None
     except Exception as e:  # JSON that is not what torch writes
-        raise _LoadError(f"malformed torch.export archive ({type(e).__name__}: {_one_line(e)[:160]})") from None
+        raise _LoadError(f"malformed torch.export archive ({type(e).__name__}: {one_line(e)[:160]})") from None
     try:
         with warnings.catch_warnings(), path.open("rb") as f:
             warnings.simplefilter("ignore")
             ep = torch.export.load(f)
     except Exception as e:
         raise _LoadError(f"cannot read this torch.export program: {type(e).__name__}: "
-                         f"{_one_line(str(e).strip().splitlines()[0] if str(e).strip() else '')[:200]}") from None
+                         f"{one_line(str(e).strip().splitlines()[0] if str(e).strip() else '')[:200]}") from None
     _vet_program(ep)
     if hasattr(ep, "_guards_code"):
         ep._guards_code = []  # strings that ExportedProgram.module() would exec (check 8)

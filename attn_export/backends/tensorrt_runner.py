@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from attn_export.atomic import write_bytes, write_json
-from attn_export.errors import UserError
+from attn_export.errors import UserError, one_line
 
 from . import engine_manifest, tensorrt_precision, tensorrt_profiles
 
@@ -31,25 +31,31 @@ NOT_INSTALLED = "TensorRT is not installed (pip install 'attn-export[gpu]' on a 
 _loaded_plugin_libraries: dict[Path, object] = {}
 
 
-def _one_line(text) -> str:
-    return " ".join(str(text).split())
-
-
-def tensorrt_status() -> tuple[bool, str]:
-    """(True, "TensorRT 10.x.y") when engines can be built here, else (False, one-line reason)."""
+def importable_tensorrt():
+    """(the tensorrt module, "") when it imports and is new enough for our plugins, else (None, one-line reason).
+    A GPU is not needed for this much (e.g. to list plugin creators)."""
     try:
         import tensorrt as trt
     except ImportError:
-        return False, NOT_INSTALLED
+        return None, NOT_INSTALLED
     except Exception as e:  # e.g. the wheel is there but libnvinfer cannot be loaded
-        return False, _one_line(f"TensorRT cannot be imported: {e}")
-    version = getattr(trt, "__version__", "unknown")
+        return None, one_line(f"TensorRT cannot be imported: {e}")
+    version = str(getattr(trt, "__version__", "unknown"))
     try:
         major_minor = tuple(int(p) for p in version.split(".")[:2])
     except ValueError:
         major_minor = (0, 0)
     if major_minor < MIN_VERSION:
-        return False, f"TensorRT {version} is too old: attn-export needs 10.3 or newer (IPluginV3 plugins)"
+        return None, f"TensorRT {version} is too old: attn-export needs 10.3 or newer (IPluginV3 plugins)"
+    return trt, ""
+
+
+def tensorrt_status() -> tuple[bool, str]:
+    """(True, "TensorRT 10.x.y") when engines can be built here, else (False, one-line reason)."""
+    trt, why = importable_tensorrt()
+    if trt is None:
+        return False, why
+    version = getattr(trt, "__version__", "unknown")
     try:
         import torch
         gpu = torch.cuda.is_available()
@@ -110,7 +116,7 @@ def _make_logger(trt):
         def log(self, severity, msg):
             errors = (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR)
             if severity in errors:
-                self.errors.append(_one_line(msg))
+                self.errors.append(one_line(msg))
             if severity in errors or severity == trt.ILogger.Severity.WARNING:
                 print(f"[TensorRT] {msg}", file=sys.stderr, flush=True)
 
@@ -131,7 +137,7 @@ def _parser_errors(parser) -> str:
         if operator and operator():
             where.append(f"({operator()})")
         messages.append(" ".join(where + [error.desc()]))
-    return _one_line("; ".join(messages))
+    return one_line("; ".join(messages))
 
 
 def _check_profiles(network, profiles) -> None:
@@ -380,7 +386,7 @@ class TensorRTRunner:
         self.stream.wait_stream(torch.cuda.current_stream())
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             detail = "; ".join(self._logger.errors[-3:])
-            raise UserError(_one_line(f"{self.engine_path}: TensorRT execution failed {detail}"))
+            raise UserError(one_line(f"{self.engine_path}: TensorRT execution failed {detail}"))
         self.stream.synchronize()
         # numpy has no bfloat16: such outputs come back as float32
         return {name: (buffers[name].float() if buffers[name].dtype == torch.bfloat16 else buffers[name]).cpu().numpy()
