@@ -16,7 +16,7 @@ from onnx import helper
 
 from ..ops import BLOCK_SPARSE_ATTENTION, DENSE_ATTENTION
 from .framework import (Match, NotFused, check_no_escape, constant, has_dynamic_shapes, keep_shared_layouts, region,
-                        scalar_value, verify_numerically, walk_to_boundary)
+                        run_nodes, scalar_value, unsqueeze_to_rank4, verify_numerically, walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
 from .softmax_core import GUARD_OPS, softmax_axis_is_last, softmax_nodes
@@ -143,17 +143,16 @@ def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -
     check_no_escape(index, nodes, output)
 
     attrs = {"num_heads": heads, "scale": chain.scale * q_factor * k_factor, "causal": 0}
-    bias_nodes, bias, bias_inits = [], None, []
+    bias_nodes, bias, bias_inits, bias_values = [], None, [], []
     if chain.has_bias:
-        bias_nodes, bias, bias_inits = _bias_nodes(index, probe, chain, name)
+        bias_nodes, bias, bias_inits, bias_values = _bias_nodes(index, probe, chain, name)
     new_names = {t.name for t in bias_inits}
     static_bias = bias and all(index.is_static(t) or t in new_names for t in _read_tensors(bias_nodes))
     if static_bias and not has_dynamic_shapes(index.model) and not new_nodes:
-        block_sparse = _as_block_sparse(probe, _evaluate(bias_nodes, bias, bias_inits, probe.runs[0]), name,
-                                        [q, k, v], output, attrs, nodes)
+        block_sparse = _as_block_sparse(probe, bias_values[0], name, [q, k, v], output, attrs, nodes)
         if block_sparse is not None:
             return block_sparse
-    inputs = layout_values + ([lambda run: _evaluate(bias_nodes, bias, bias_inits, probe.runs[run])] if bias else [])
+    inputs = layout_values + ([lambda run: bias_values[run]] if bias else [])
     why = verify_numerically(OP, probe, inputs, expected, attrs)
     if why:
         raise NotFused(f"the op's reference does not reproduce the graph: {why}")
@@ -238,7 +237,8 @@ def _merged_output(index: GraphIndex, probe: Probe, start: str, shape: tuple, li
 
 
 def _bias_nodes(index: GraphIndex, probe: Probe, chain: ScoreChain, name: str):
-    """The score chain copied onto a zero score: chain(0), made rank 4 ([B or 1, H or 1, Nq, Nk])."""
+    """The score chain copied onto a zero score: chain(0), made rank 4 ([B or 1, H or 1, Nq, Nk]).
+    Returns the nodes, the bias tensor, new constants and the bias value at every probe."""
     dtype = np.asarray(probe.runs[0][chain.qk.output[0]]).dtype
     zero = f"{name}/zero_scores"
     inits = [constant(zero, np.zeros((), dtype))]
@@ -250,26 +250,10 @@ def _bias_nodes(index: GraphIndex, probe: Probe, chain: ScoreChain, name: str):
         renamed.update(zip(node.output, copy.output))
         nodes.append(copy)
     bias = nodes[-1].output[0]
-    rank = np.ndim(_evaluate(nodes, bias, inits, probe.runs[0]))
+    values = [run_nodes(nodes, bias, values, index.model.opset_import, inits) for values in probe.runs]
+    rank = np.ndim(values[0])
     if rank > 4:
         raise NotFused(f"the score bias has rank {rank}, more than [B, H, Nq, Nk]")
-    if rank < 4:
-        axes = f"{name}/bias_axes"
-        inits.append(constant(axes, np.arange(4 - rank, dtype=np.int64)))
-        nodes.append(helper.make_node("Unsqueeze", [bias, axes], [f"{name}/bias"], name=f"{name}/bias_rank4"))
-        bias = f"{name}/bias"
-    return nodes, bias, inits
-
-
-def _evaluate(nodes: list, output: str, inits: list, values: dict) -> np.ndarray:
-    """Run a few new nodes on onnxruntime, reading every other tensor from a probe run."""
-    import onnxruntime as ort
-
-    produced = {o for n in nodes for o in n.output} | {t.name for t in inits}
-    needed = sorted({i for n in nodes for i in n.input if i and i not in produced})
-    inputs = [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(np.asarray(values[t]).dtype), None)
-              for t in needed]
-    graph = helper.make_graph(nodes, "bias", inputs, [onnx.ValueInfoProto(name=output)], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run([output], {t: np.asarray(values[t]) for t in needed})[0]
+    rank4_nodes, rank4_inits, bias = unsqueeze_to_rank4(bias, rank, name)
+    values = [v.reshape((1,) * (4 - rank) + v.shape) for v in values]
+    return nodes + rank4_nodes, bias, inits + rank4_inits, values

@@ -9,6 +9,8 @@ replace the region's nodes are detached and one custom node (plus small static h
 """
 from __future__ import annotations
 
+from collections import ChainMap
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,22 +217,40 @@ def replace_all(model: onnx.ModelProto, matches: list[Match], static: set[str]) 
     model.graph.node.extend(copies)
 
 
-def run_subgraph(index: GraphIndex, feeds: dict[str, np.ndarray], output: str, values: dict) -> np.ndarray:
-    """Evaluate `output` with some tensors replaced by `feeds`; everything else it needs comes from `values`."""
+def run_nodes(nodes: list[onnx.NodeProto], output: str, values: Mapping[str, np.ndarray], opset_imports,
+              initializers: list[onnx.TensorProto] = (), ir_version: int | None = None) -> np.ndarray:
+    """Evaluate `output` from `nodes` (in topological order) on onnxruntime; every other tensor they read comes
+    from `values`."""
     import onnxruntime as ort
 
-    nodes = index.ancestors(output, stop=set(feeds))
-    produced = {o for n in nodes for o in n.output}
+    produced = {o for n in nodes for o in n.output} | {t.name for t in initializers}
     needed = sorted({i for n in nodes for i in n.input if i and i not in produced})
-    all_feeds = {name: feeds[name] if name in feeds else values[name] for name in needed}
-    inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype), None)
-              for name, v in all_feeds.items()]
-    ordered = sorted(nodes, key=lambda n: index.position[id(n)])
-    graph = helper.make_graph(ordered, "subgraph", inputs, [onnx.ValueInfoProto(name=output)])
-    model = helper.make_model(graph, opset_imports=index.model.opset_import)
-    model.ir_version = index.model.ir_version
+    feeds = {name: np.asarray(values[name]) for name in needed}
+    inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), None)
+              for name, v in feeds.items()]
+    graph = helper.make_graph(nodes, "subgraph", inputs, [onnx.ValueInfoProto(name=output)],
+                              initializer=initializers)
+    model = helper.make_model(graph, opset_imports=opset_imports)
+    if ir_version is not None:
+        model.ir_version = ir_version
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run([output], {k: np.asarray(v) for k, v in all_feeds.items()})[0]
+    return session.run([output], feeds)[0]
+
+
+def run_subgraph(index: GraphIndex, feeds: dict[str, np.ndarray], output: str, values: dict) -> np.ndarray:
+    """Evaluate `output` with some tensors replaced by `feeds`; everything else it needs comes from `values`."""
+    nodes = sorted(index.ancestors(output, stop=set(feeds)), key=lambda n: index.position[id(n)])
+    return run_nodes(nodes, output, ChainMap(feeds, values), index.model.opset_import,
+                     ir_version=index.model.ir_version)
+
+
+def unsqueeze_to_rank4(tensor: str, rank: int, name: str) -> tuple[list, list, str]:
+    """A bias of rank < 4 broadcasts as [.., Nq, Nk]: the nodes and constant giving it rank 4, and the result."""
+    if rank == 4:
+        return [], [], tensor
+    axes, out = f"{name}/bias_axes", f"{name}/bias"
+    return ([helper.make_node("Unsqueeze", [tensor, axes], [out], name=f"{name}/bias_rank4")],
+            [constant(axes, np.arange(4 - rank, dtype=np.int64))], out)
 
 
 def constant(name: str, value: np.ndarray) -> onnx.TensorProto:
