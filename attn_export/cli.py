@@ -286,6 +286,7 @@ def bench_cmd(model, backends, seq_lens, batch, dtype, device, warmup, iters, js
     from rich.progress import Progress
 
     from . import api, bench
+    from .export import export_onnx
     from .atomic import write_json
     from .loading import load_model
     from .report import bench_table, console
@@ -314,8 +315,8 @@ def bench_cmd(model, backends, seq_lens, batch, dtype, device, warmup, iters, js
             cases.append(bench.torch_case(loaded.module, loaded.input_names, device, dtype))
         if "onnxruntime" in backend_names or "tensorrt" in backend_names:
             progress.update(task, description="exporting and fusing")
-            reference = api.export(loaded.module, loaded.example_inputs(), Path(workdir) / "model.onnx",
-                                   dynamic_axes=loaded.dynamic_axes or None, probe_shapes=_probe_shapes(loaded, False))
+            reference = export_onnx(loaded.module, loaded.example_inputs(), dynamic_axes=loaded.dynamic_axes or None,
+                                    probe_shapes=_probe_shapes(loaded, False))  # in memory: nothing to keep
             fused, _ = api.fuse(reference)
             if "onnxruntime" in backend_names:
                 cases += [bench.onnxruntime_case(reference, "model.onnx", device),
