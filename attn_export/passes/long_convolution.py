@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import torch
 from onnx import helper
 
 from ..ops import LONG_CONVOLUTION
@@ -41,19 +42,16 @@ def split_taps(weight: np.ndarray, left: int) -> tuple[np.ndarray, np.ndarray | 
     taps = weight[:, 0, :]
     causal = taps[:, :left + 1][:, ::-1]  # offset l = left - j for j = left .. 0
     backward = taps[:, left + 1:]  # offset -(j - left) for j = left + 1 .. K - 1, from one step later
-    length = max(causal.shape[1], backward.shape[1], 1)
-    pad = [(0, 0), (0, 0)]
-    causal = np.pad(causal, [pad[0], (0, length - causal.shape[1])])
+    length = max(causal.shape[1], backward.shape[1])
+    causal = np.pad(causal, [(0, 0), (0, length - causal.shape[1])])
     if backward.shape[1] == 0:
-        return np.ascontiguousarray(causal), None
-    return np.ascontiguousarray(causal), np.pad(backward, [pad[0], (0, length - backward.shape[1])])
+        return causal, None
+    return causal, np.pad(backward, [(0, 0), (0, length - backward.shape[1])])
 
 
 def _skip_term(probe: Probe, u: str, output: str, kernels: list[np.ndarray]) -> np.ndarray:
     """The per-channel D of y = K * u + D u when the layer adds it inside the matched region (least squares on the
     first probe; the verification then checks it at every probe). Zero when the region has no such term."""
-    import torch
-
     x, y = probe.runs[0][u], probe.runs[0][output]
     args = [torch.from_numpy(np.array(t)) for t in (x, kernels[0], np.zeros(x.shape[2], x.dtype), *kernels[1:])]
     residual = y - OP.reference(*args).numpy()
