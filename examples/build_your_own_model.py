@@ -23,6 +23,7 @@ from torch import nn
 from attn_export import api
 from attn_export.report import console, fusion_table, parity_table
 from models.bigbird import BigBirdAttention, BigBirdConfig
+from models.common import TokenEmbedding
 
 VOCAB, HIDDEN, HEADS, BLOCK = 500, 64, 4, 16
 MAX_SEQ_LEN = 256  # the frozen random block table covers MAX_SEQ_LEN / BLOCK blocks
@@ -35,16 +36,14 @@ class TinyBigBirdTagger(nn.Module):
         super().__init__()
         config = BigBirdConfig(vocab_size=VOCAB, max_seq_len=MAX_SEQ_LEN, hidden=HIDDEN, num_heads=HEADS,
                                block_size=BLOCK, num_random_blocks=2, num_layers=1)
-        self.tokens = nn.Embedding(VOCAB, HIDDEN)
-        self.positions = nn.Embedding(MAX_SEQ_LEN, HIDDEN)
+        self.embed = TokenEmbedding(VOCAB, MAX_SEQ_LEN, HIDDEN)
         self.norm_in = nn.LayerNorm(HIDDEN)
         self.attention = BigBirdAttention(config, layer_index=0)
         self.norm_out = nn.LayerNorm(HIDDEN)
         self.head = nn.Linear(HIDDEN, 5)
 
     def forward(self, input_ids):
-        n = input_ids.shape[1]
-        x = self.tokens(input_ids) + self.positions(torch.arange(n, device=input_ids.device))[None]
+        x = self.embed(input_ids)
         x = x + self.attention(self.norm_in(x))
         return self.head(self.norm_out(x))
 

@@ -24,6 +24,7 @@ from torch import nn
 from attn_export import api
 from attn_export.backends import OnnxRuntimeRunner, TorchRunner
 from attn_export.report import console, parity_table
+from models.common import TokenEmbedding
 from models.performer import PerformerAttention, PerformerConfig
 
 VOCAB, HIDDEN, HEADS, FEATURES = 500, 64, 4, 32
@@ -38,16 +39,14 @@ class TinyPerformerTagger(nn.Module):
         super().__init__()
         config = PerformerConfig(vocab_size=VOCAB, max_seq_len=MAX_SEQ_LEN, hidden=HIDDEN, num_heads=HEADS,
                                  num_features=FEATURES, num_layers=1, causal=False)
-        self.tokens = nn.Embedding(VOCAB, HIDDEN)
-        self.positions = nn.Embedding(MAX_SEQ_LEN, HIDDEN)
+        self.embed = TokenEmbedding(VOCAB, MAX_SEQ_LEN, HIDDEN)
         self.norm_in = nn.LayerNorm(HIDDEN)
         self.attention = PerformerAttention(config, layer_index=0)
         self.norm_out = nn.LayerNorm(HIDDEN)
         self.head = nn.Linear(HIDDEN, 5)
 
     def forward(self, input_ids):
-        n = input_ids.shape[1]
-        x = self.tokens(input_ids) + self.positions(torch.arange(n, device=input_ids.device))[None]
+        x = self.embed(input_ids)
         x = x + self.attention(self.norm_in(x))
         return self.head(self.norm_out(x))
 
