@@ -66,7 +66,7 @@ def match(index: GraphIndex, probe: Probe, core: SoftmaxCore, name: str) -> Matc
     table_name = f"{name}/block_index"
     if has_dynamic_shapes(index.model):
         ignore = [_global_rows(t.shape[1], g) for t in tables]
-        source = static_tensor_matching(index, probe, tables, ignore)
+        source = static_tensor_matching(index, probe, tables, ignore, before=output)
         if source is None:
             raise NotFused("the block layout depends on the sequence length and no static tensor holds it as a "
                            "[heads, blocks, slots] table")

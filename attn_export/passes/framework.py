@@ -261,11 +261,16 @@ def has_dynamic_shapes(model: onnx.ModelProto) -> bool:
     return any(not d.HasField("dim_value") for i in model.graph.input for d in i.type.tensor_type.shape.dim)
 
 
-def static_tensor_matching(index: GraphIndex, probe: Probe, expected: list[np.ndarray],
-                           ignore_rows: list) -> str | None:
+def static_tensor_matching(index: GraphIndex, probe: Probe, expected: list[np.ndarray], ignore_rows: list,
+                           before: str) -> str | None:
     """A static integer tensor whose values equal `expected[run]` at every probe (negative entries mean "none",
-    rows in ignore_rows[run] are not compared). Used to keep a shape-dependent layout computed in the graph."""
-    for name in index.static:
+    rows in ignore_rows[run] are not compared). Used to keep a shape-dependent layout computed in the graph.
+    Only tensors that do not depend on `before` (the fused layer's output) qualify: another layer's identical table,
+    computed from the shape of a later tensor, would make the fused graph a cycle. The earliest match is taken."""
+    downstream = {o for n in index.descendants({before}) for o in n.output}
+    producer_position = {name: index.position[id(index.producer[name])] if name in index.producer else -1
+                         for name in index.static}
+    for name in sorted(index.static - downstream, key=lambda t: (producer_position[t], t)):
         if name in index.initializers and not index.consumers.get(name):
             continue
         ok = True
