@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from .ops import OPS, PLUGIN_NAMESPACE, OpContract
+from .ops.dense_attention import SCORE_FNS
 from .ops.linear_attention import FEATURE_MAPS
 from .ops.mixture_of_experts import ACTIVATIONS
 
@@ -27,6 +28,7 @@ HEADER = Path(__file__).resolve().parents[1] / "plugins_trt" / "trt" / "op_contr
 
 # The options of every string attribute, in the order the kernels' enums follow (attn_export_kernels.h).
 STRING_OPTIONS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("DenseAttention", "score_fn"): SCORE_FNS,
     ("KernelizedAttention", "feature_map"): FEATURE_MAPS,
     ("MixtureOfExperts", "activation"): ACTIVATIONS,
 }

@@ -101,6 +101,56 @@ def test_dense_attention_fp16_past_65504_keys():
     check("DenseAttention", (q, k, v), {"num_heads": h}, torch.float16)
 
 
+# relu(s)^2 weights (FLASH's local attention) and the logits as input (Evolving Attention's materialised map)
+DENSE_SCORES = [  # batch, heads, q_len, kv_len, head_dim (= v_head_dim), causal, bias, score_fn, logits_input
+    (2, 4, 77, 77, 64, 0, "full", "relu_squared", 0),
+    (1, 8, 100, 150, 32, 1, None, "relu_squared", 0),
+    (2, 2, 130, 70, 128, 1, "heads", "relu_squared", 0),  # more queries than keys: the first rows see nothing
+    (1, 3, 50, 61, 33, 1, "batch", "relu_squared", 0),  # odd head dim: CUDA-core path
+    (2, 4, 77, 77, 64, 1, "full", "softmax", 1),
+    (1, 8, 65, 129, 32, 1, "heads", "softmax", 1),
+    (1, 2, 33, 300, 128, 1, "batch", "softmax", 1),
+    (2, 3, 50, 50, 33, 0, "full", "softmax", 1),
+    (1, 4, 64, 96, 64, 1, "full", "relu_squared", 1),
+    (1, 2, 70, 70, 33, 1, "heads", "relu_squared", 1),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", DENSE_SCORES, ids=str)
+def test_dense_attention_score_fn_and_logits_input(case, dtype):
+    b, h, nq, nk, d, causal, bias_kind, score_fn, logits_input = case
+    q, k, v = rand(b, nq, h * d, dtype=dtype), rand(b, nk, h * d, dtype=dtype), rand(b, nk, h * d, dtype=dtype)
+    bias = None
+    if bias_kind:
+        shape = {"full": (b, h, nq, nk), "heads": (1, h, nq, nk), "batch": (b, 1, nq, nk)}[bias_kind]
+        bias = rand(*shape, dtype=dtype)
+    attrs = {"num_heads": h, "causal": causal, "score_fn": score_fn, "logits_input": logits_input}
+    out = check("DenseAttention", (q, k, v, bias), attrs, dtype)
+    if causal and nq > nk:  # rows that see no key are zero for either score_fn
+        assert (out[:, : nq - nk] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("d", [64, 33])
+def test_dense_attention_logits_input_never_reads_query_or_key(d, dtype):
+    """NaN queries and keys (the key even of another length) leave the output of logits_input=1 untouched."""
+    b, h, nq, nk = 2, 2, 40, 56
+    v = rand(b, nk, h * d, dtype=dtype)
+    logits = rand(b, h, nq, nk, dtype=dtype)
+    q = torch.full((b, nq, 3), float("nan"), device="cuda", dtype=dtype)
+    k = torch.full((b, 1, 3), float("nan"), device="cuda", dtype=dtype)
+    attrs = {"num_heads": h, "causal": 1, "logits_input": 1}
+    out = check("DenseAttention", (q, k, v, logits), attrs, dtype)
+    assert out.shape == (b, nq, h * d)
+
+
+def test_dense_attention_logits_input_needs_the_bias():
+    q, k, v = (rand(1, 8, 32, dtype=torch.float16) for _ in range(3))
+    with pytest.raises(RuntimeError, match="needs the logits as the bias input"):
+        cuda_ops.run_op("DenseAttention", q, k, v, num_heads=2, logits_input=1)
+
+
 # ---- BlockSparseAttention ------------------------------------------------------------------------------------
 SPARSE = [  # batch, heads, seq_len, head_dim, block_size, slots, global_blocks, per-head table
     (1, 4, 512, 64, 64, 5, 1, False),

@@ -113,7 +113,7 @@ def test_every_field_round_trips_through_serialization(harness, op):
     fields, expected = {}, {}
     for i, a in enumerate(contract.attributes):
         if a.kind == "int":
-            value = {"causal": 1, "normalize": 0}.get(a.name, a.default + 3 + i)  # 0/1 flags flip
+            value = {"causal": 1, "normalize": 0, "logits_input": 1}.get(a.name, a.default + 3 + i)  # 0/1 flags flip
             fields[a.name], expected[a.name] = f"int32:{value}", str(value)
         elif a.kind == "float":
             value = 0.375 + i
@@ -145,6 +145,8 @@ def test_field_types_the_parser_may_send(harness):
     ("KernelizedAttention", "feature_map", "char0:softmax", "is not one of: favor_positive, elu_plus_one, identity"),
     ("KernelizedAttention", "feature_map", "int32:1", "needs characters"),
     ("MixtureOfExperts", "activation", "char0:swish", "is not one of: relu, gelu"),
+    ("DenseAttention", "score_fn", "char0:relu", "'score_fn' (string) = 'relu' is not one of: softmax, relu_squared"),
+    ("DenseAttention", "score_fn", "int32:1", "needs characters"),
 ])
 def test_bad_fields_are_refused(harness, op, field, spec, message):
     assert message in harness(op, {field: spec})["error"]
@@ -155,6 +157,7 @@ def test_bad_fields_are_refused(harness, op, field, spec, message):
     ("BlockSparseAttention", {"block_size": "int32:0"}, "block_size must be at least 1"),
     ("BlockSparseAttention", {"global_blocks": "int32:-1"}, "global_blocks must not be negative"),
     ("DenseAttention", {"causal": "int32:2"}, "causal must be 0 or 1"),
+    ("DenseAttention", {"logits_input": "int32:2"}, "logits_input must be 0 or 1"),
     ("KernelizedAttention", {"normalize": "int32:-1"}, "normalize must be 0 or 1"),
     ("KernelizedAttention", {"eps": "float32:-1"}, "eps must not be negative"),
     ("DisentangledAttention", {"span": "int32:0"}, "span must be at least 1"),
@@ -178,11 +181,11 @@ CASES = {
         dict(batch=2, seq_len=32, head_dim=16, index_heads=1, blocks_per_row=3, num_heads=4, block_size=8,
              global_blocks=1, scale=0)),
     "DenseAttention": (
-        {"num_heads": "int32:2", "causal": "int32:1"},
-        dict(num_heads=2, causal=1),
+        {"num_heads": "int32:2", "causal": "int32:1", "score_fn": "char0:relu_squared"},
+        dict(num_heads=2, causal=1, score_fn="relu_squared"),
         [(3, 5, 16), (3, 7, 16), (3, 7, 12), (3, 1, 5, 7)],
         dict(batch=3, q_len=5, kv_len=7, head_dim=8, v_head_dim=6, bias_batch=3, bias_heads=1, num_heads=2,
-             causal=1, scale=0)),
+             causal=1, scale=0, score_fn=1, logits_input=0)),
     "KernelizedAttention": (
         {"num_heads": "int32:2", "causal": "int32:1"},
         dict(num_heads=2, causal=1),
@@ -279,6 +282,16 @@ def test_optional_inputs_may_be_left_out(harness):
     ("LongConvolution", {}, [(1, 4, 4), (4, 8), (4,), (4, 9)], "must have the kernel's shape"),
     ("LongConvolution", {}, [(1, 4, 4), (4, 8), (4,), (4, 8), (4, 8)], "takes 3 to 4 inputs, got 5"),
     ("DenseAttention", {}, [(1, 3000000000, 8), (1, 6, 8), (1, 6, 8)], "outside the kernels' int32 range"),
+    ("DenseAttention", {"logits_input": "int32:1"}, [(1, 4, 8), (1, 6, 8), (1, 6, 8)],
+     "logits_input=1 needs the logits as the bias input"),
+    ("DenseAttention", {"logits_input": "int32:1"}, [(1, 4, 8), (1, 6, 8), (1, 6, 8), (1, 1, 4, 5)],
+     "must be [1 or 1, 1 or 1, 4, 6] (the logits)"),
+    ("DenseAttention", {"logits_input": "int32:1", "num_heads": "int32:2"},
+     [(1, 4, 8), (1, 6, 8), (1, 6, 8), (1, 3, 4, 6)], "input 'bias'"),
+    ("DenseAttention", {"logits_input": "int32:1", "num_heads": "int32:2"},
+     [(1, 4, 8), (1, 6, 8), (1, 6, 7), (1, 1, 4, 6)], "value width 7 must be a multiple of num_heads 2"),
+    ("DenseAttention", {"logits_input": "int32:1"}, [(2, 4, 8), (2, 6, 8), (1, 6, 8), (1, 1, 4, 6)],
+     "must match the query 2x4x8 in batch"),
 ])
 def test_bad_shapes_are_refused(harness, op, fields, shapes, message):
     result = harness(op, fields, shapes)
@@ -291,3 +304,18 @@ def test_bad_shapes_match_what_the_reference_refuses():
     q = torch.randn(1, 30, 8)
     with pytest.raises((ValueError, RuntimeError)):
         contract.reference(q, q, q, torch.zeros(1, 3, 2, dtype=torch.int32), block_size=8)
+
+
+def test_dense_logits_input_reads_only_the_value_and_the_logits(harness):
+    """logits_input=1: the keys are the value's rows, the query gives batch and rows only (its width and the key
+    are not read, as in the reference), and the output shape is what the reference gives."""
+    shapes = [(2, 5, 3), (1, 1, 1), (2, 7, 12), (2, 3, 5, 7)]
+    result = harness("DenseAttention", {"num_heads": "int32:3", "logits_input": "int32:1"}, shapes)
+    assert "error" not in result, result.get("error")
+    params = result["params"]
+    assert (params["batch"], params["q_len"], params["kv_len"], params["v_head_dim"]) == (2, 5, 7, 4)
+    assert params["head_dim"] == 0 and params["logits_input"] == 1
+    assert (params["bias_batch"], params["bias_heads"]) == (2, 3)
+    attrs = dict(num_heads=3, logits_input=1)
+    assert tuple(int(d) for d in result["output"].split("x")) == _reference_output_shape("DenseAttention", attrs,
+                                                                                         shapes) == (2, 5, 12)

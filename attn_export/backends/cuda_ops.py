@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..ops import OPS
+from ..ops.dense_attention import SCORE_FNS
 from ..ops.linear_attention import FEATURE_MAPS
 from ..ops.mixture_of_experts import ACTIVATIONS
 
@@ -87,7 +88,8 @@ def _block_sparse(ext, t, a):
 
 
 def _dense(ext, t, a):
-    return ext.dense_attention(t[0], t[1], t[2], _optional(t, 3), a["num_heads"], a["scale"], a["causal"])
+    return ext.dense_attention(t[0], t[1], t[2], _optional(t, 3), a["num_heads"], a["scale"], a["causal"],
+                               _code(SCORE_FNS, a["score_fn"], "score_fn"), a["logits_input"])
 
 
 def _kernelized(ext, t, a):

@@ -1,12 +1,18 @@
 """DenseAttention: softmax attention with an optional additive bias (kernel family K1).
 
-Per head: out = softmax(scale * q.k^T + bias [+ causal mask]) v, in float32 statistics.
+Per head: out = weights(scale * q.k^T + bias [+ causal mask]) v, in float32 statistics.
   - q and k share a head dim D; v may have its own head dim Dv (MGK's augmented keys: D = Dq + 2).
   - bias (optional) is additive and broadcasts as [B or 1, H or 1, Nq, Nk]; -inf entries mask keys.
   - causal=1 masks key j for query i when j > i + (Nk - Nq) (the last query sees every key).
   - scale 0 means 1/sqrt(D). A row with no visible key outputs zeros, never NaN.
+  - score_fn "softmax" (the default) normalises each row; "relu_squared" takes relu(s)^2 with no normalisation
+    (FLASH's local attention; a masked key has s = -inf, so weight 0).
+  - logits_input=1 (the K1-m form): the bias holds the complete, materialised logits, for maps that other ops
+    also read (Evolving Attention hands each layer's map to the next); the values of query and key are not
+    read (query still gives Nq, its rows), and scale is ignored.
 Covers ViT, Switch's attention, MGK (one softmax over 2N augmented keys), Evolving Attention (the evolved map
-as bias), Treeformer TC, and standard attention written any other way.
+as logits), Treeformer TC, chunked local attention run per chunk (SPADE, FLASH), and standard attention written
+any other way.
 """
 from __future__ import annotations
 
@@ -22,17 +28,32 @@ from .onnx_builder import OnnxBuilder
 FLOATS = ("float32", "float16", "bfloat16")
 
 
-def reference(query, key, value, bias=None, *, num_heads=1, scale=0.0, causal=0):
-    q, k, v = (split_heads(t, num_heads).float() for t in (query, key, value))
-    nq, nk = q.shape[2], k.shape[2]
-    scores = (q @ k.transpose(-1, -2)) * (scale or 1.0 / math.sqrt(q.shape[-1]))
-    if bias is not None:
-        scores = scores + bias.float()
+SCORE_FNS = ("softmax", "relu_squared")
+
+
+def reference(query, key, value, bias=None, *, num_heads=1, scale=0.0, causal=0, score_fn="softmax",
+              logits_input=0):
+    if score_fn not in SCORE_FNS:
+        raise ValueError(f"unknown score_fn {score_fn!r}")
+    v = split_heads(value, num_heads).float()
+    if logits_input:
+        if bias is None:
+            raise ValueError("logits_input=1 needs the logits as the bias input")
+        scores = bias.float().expand(v.shape[0], num_heads, -1, v.shape[2])
+    else:
+        q, k = (split_heads(t, num_heads).float() for t in (query, key))
+        scores = (q @ k.transpose(-1, -2)) * (scale or 1.0 / math.sqrt(q.shape[-1]))
+        if bias is not None:
+            scores = scores + bias.float()
+    nq, nk = scores.shape[-2:]
     if causal:
-        future = torch.ones(nq, nk, dtype=torch.bool, device=q.device).triu(nk - nq + 1)
+        future = torch.ones(nq, nk, dtype=torch.bool, device=scores.device).triu(nk - nq + 1)
         scores = scores.masked_fill(future, float("-inf"))
-    probs = torch.softmax(scores, -1).nan_to_num(0.0)
-    out = probs @ v
+    if score_fn == "softmax":
+        weights = torch.softmax(scores, -1).nan_to_num(0.0)
+    else:
+        weights = torch.relu(scores).square()
+    out = weights @ v
     b, h, n, dv = out.shape
     return out.to(query.dtype).transpose(1, 2).reshape(b, n, h * dv)
 
@@ -40,16 +61,21 @@ def reference(query, key, value, bias=None, *, num_heads=1, scale=0.0, causal=0)
 def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict) -> None:
     query, key, value = inputs[:3]
     bias = inputs[3] if len(inputs) > 3 and inputs[3] else ""
-    q, k, v = (b.split_heads(t, attrs["num_heads"]) for t in (query, key, value))  # [B,H,N,D]
-    qf, kf, vf = (b.op("Cast", t, to=1) for t in (q, k, v))  # float32 statistics
-    if attrs["scale"]:
-        scale = b.const(attrs["scale"], np.float32)
+    v = b.split_heads(value, attrs["num_heads"])  # [B,H,N,Dv]
+    vf = b.op("Cast", v, to=1)  # float32 statistics
+    if attrs["logits_input"]:
+        scores = b.op("Cast", bias, to=1)
     else:
-        head_dim = b.op("Cast", b.dim(b.op("Shape", qf), 3), to=1)
-        scale = b.op("Reciprocal", b.op("Sqrt", head_dim))
-    scores = b.op("MatMul", b.op("Mul", qf, scale), b.transpose_last(kf, 4))  # scaling q: N*D products, not N*N
-    if bias:
-        scores = b.op("Add", scores, b.op("Cast", bias, to=1))
+        q, k = (b.split_heads(t, attrs["num_heads"]) for t in (query, key))
+        qf, kf = b.op("Cast", q, to=1), b.op("Cast", k, to=1)
+        if attrs["scale"]:
+            scale = b.const(attrs["scale"], np.float32)
+        else:
+            head_dim = b.op("Cast", b.dim(b.op("Shape", qf), 3), to=1)
+            scale = b.op("Reciprocal", b.op("Sqrt", head_dim))
+        scores = b.op("MatMul", b.op("Mul", qf, scale), b.transpose_last(kf, 4))  # scaling q: N*D products, not N*N
+        if bias:
+            scores = b.op("Add", scores, b.op("Cast", bias, to=1))
     if attrs["causal"]:
         shape = b.op("Shape", scores)
         nq, nk = b.dim(shape, 2), b.dim(shape, 3)
@@ -57,11 +83,22 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
                     value=numpy_helper.from_array(np.ones(1, np.int64)))
         future = b.op("Cast", b.op("Trilu", ones, b.op("Add", b.op("Sub", nk, nq), b.const([1])), upper=1), to=9)
         scores = b.op("Where", future, b.const(-np.inf, np.float32), scores)
-    probs = b.op("Softmax", scores, axis=-1)
-    if bias or attrs["causal"]:  # only a mask can hide every key of a row; such a row gives zeros, not NaN
-        probs = b.op("Where", b.op("IsNaN", probs), b.const(0.0, np.float32), probs)
-    out = b.op("CastLike", b.op("MatMul", probs, vf), q)
-    b.merge_heads(out, outputs[0])
+    if attrs["score_fn"] == "relu_squared":
+        relu = b.op("Relu", scores)
+        probs = b.op("Mul", relu, relu)
+    elif attrs["score_fn"] == "softmax":
+        probs = b.op("Softmax", scores, axis=-1)
+    else:
+        raise ValueError(f"unknown score_fn {attrs['score_fn']!r}")
+    out = b.op("MatMul", probs, vf)
+    if attrs["score_fn"] == "softmax" and (bias or attrs["causal"]):
+        # a row whose keys are all masked is NaN in softmax and gives zeros. A softmax row is NaN everywhere or
+        # nowhere (one NaN or -inf max spoils its sum), so its first weight tells, and the guard costs O(N * Dv)
+        # on the output instead of O(N^2) on the weights.
+        dead = b.op("IsNaN", b.op("Slice", probs, b.const([0]), b.const([1]), b.const([-1])))
+        out = b.op("Where", dead, b.const(0.0, np.float32), out)
+    out = b.op("CastLike", out, v)
+    b.merge_heads(out, outputs[0], attrs["num_heads"])
 
 
 CONTRACT = OpContract(
@@ -79,6 +116,8 @@ CONTRACT = OpContract(
         Attribute("num_heads", "int", 1, "H: the last axis of query/key is H*D, of value H*Dv"),
         Attribute("scale", "float", 0.0, "score scale; 0 means 1/sqrt(D)"),
         Attribute("causal", "int", 0, "1: query i sees keys j <= i + Nk - Nq"),
+        Attribute("score_fn", "string", "softmax", "scores to weights: " + ", ".join(SCORE_FNS)),
+        Attribute("logits_input", "int", 0, "1: the bias is the complete logits; query and key are not read"),
     ),
     reference=reference,
     decompose=decompose,

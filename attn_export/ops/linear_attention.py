@@ -81,12 +81,13 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
     else:
         kv = b.op("MatMul", b.transpose_last(phi_k, 4), v)  # [B,H,M,D]
         num = b.op("MatMul", phi_q, kv)
-        k_sum = b.transpose_last(b.reduce("ReduceSum", phi_k, [2]), 4)  # [B,H,M,1]
-        den = b.op("MatMul", phi_q, k_sum)
+        if attrs["normalize"]:
+            k_sum = b.transpose_last(b.reduce("ReduceSum", phi_k, [2]), 4)  # [B,H,M,1]
+            den = b.op("MatMul", phi_q, k_sum)
     if attrs["normalize"]:
         zero = b.op("Cast", b.op("Equal", den, b.const(0.0, np.float32)), to=1)
         num = b.op("Div", num, b.op("Add", den, zero))
-    b.merge_heads(b.op("CastLike", num, dtype_ref), outputs[0])
+    b.merge_heads(b.op("CastLike", num, dtype_ref), outputs[0], attrs["num_heads"])
 
 
 def _features(b: OnnxBuilder, q: str, k: str, projection: str, attrs: dict):

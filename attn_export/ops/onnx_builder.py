@@ -45,10 +45,14 @@ class OnnxBuilder:
 
     def split_heads(self, x: str, num_heads: int) -> str:
         """[B, N, H*D] -> [B, H, N, D]."""
+        if num_heads == 1:  # no data to move: a copy-free view
+            return self.unsqueeze(x, [1])
         return self.op("Transpose", self.op("Reshape", x, self.const([0, 0, num_heads, -1])), perm=[0, 2, 1, 3])
 
-    def merge_heads(self, x: str, output: str) -> str:
+    def merge_heads(self, x: str, output: str, num_heads: int = 0) -> str:
         """[B, H, N, D] -> [B, N, H*D]."""
+        if num_heads == 1:
+            return self.op("Squeeze", x, self.const([1]), outputs=[output])
         return self.op("Reshape", self.op("Transpose", x, perm=[0, 2, 1, 3]), self.const([0, 0, -1]), outputs=[output])
 
     def transpose_last(self, x: str, rank: int) -> str:

@@ -7,6 +7,11 @@
 //   float logit(int b, int h, int i, int j, float qk)   the score of query i and key j in log2 units, from the raw
 //                                                        dot product qk, or -INFINITY when j is not visible to i
 //   int   tile                                          keys per tile (set by the launcher to the kernel's tile)
+// and, optionally (compile-time switches; a policy without them gets the defaults):
+//   static constexpr bool kReluSquared   default false. true: weights relu(s)^2 with no normalisation (no running
+//                                        max, rescale, sum or division); logit() then returns s in natural units.
+//   static constexpr bool kReadsQK       default true. false: Q and K are neither loaded nor multiplied (no shared
+//                                        memory either); logit() gets qk = 0 and the score comes from elsewhere.
 //
 // Two kernels run a policy:
 //   tc_attention_kernel    fp16/bf16, head_dim == v_head_dim in {32, 64, 128}: mma.sync m16n8k16 with fp32
@@ -15,13 +20,22 @@
 //   simt_attention_kernel  any dtype (fp32 always comes here), any head dims up to 256: fp32 CUDA-core math,
 //                          16 query rows per block (4 per warp), one key per lane.
 // Both keep the row max and sum in fp32; a row whose keys are all masked gets zeros (never NaN), and P is in
-// [0, 1] before it is rounded to 16 bits, so nothing overflows in fp16 however long the sequence.
+// [0, 1] before it is rounded to 16 bits, so nothing overflows in fp16 however long the sequence. relu(s)^2 weights
+// have no such bound: in fp16 a weight above 65504 (s > 255) overflows when P is rounded for the second product.
 #pragma once
+
+#include <type_traits>
 
 #include "common.cuh"
 
 namespace attn_export {
 namespace detail {
+
+template <class P, class = void> struct relu_squared_weights : std::false_type {};
+template <class P>
+struct relu_squared_weights<P, std::void_t<decltype(P::kReluSquared)>> : std::bool_constant<P::kReluSquared> {};
+template <class P, class = void> struct reads_qk : std::true_type {};
+template <class P> struct reads_qk<P, std::void_t<decltype(P::kReadsQK)>> : std::bool_constant<P::kReadsQK> {};
 
 struct AttentionProblem {
   const void* q;
@@ -53,8 +67,10 @@ struct TcConfig {
   static constexpr int BQ = 16 * WARPS;
   static constexpr int THREADS = 32 * WARPS;
   static constexpr int LD = D + 8;  // +16 bytes per row: the 8 rows of an ldmatrix land in distinct banks
-  static size_t smem_bytes(int scratch_ints) {
-    return static_cast<size_t>(BQ + 4 * BK) * LD * sizeof(T) + static_cast<size_t>(scratch_ints) * sizeof(int);
+  // Q (reused to stage the output), K and V double-buffered (no K without QK), the policy's scratch
+  static size_t smem_bytes(int scratch_ints, bool reads_qk) {
+    return static_cast<size_t>(BQ + (reads_qk ? 4 : 2) * BK) * LD * sizeof(T) +
+           static_cast<size_t>(scratch_ints) * sizeof(int);
   }
 };
 
@@ -73,25 +89,27 @@ template <typename T, int D, int WARPS, int BK, class Policy>
 __global__ void __launch_bounds__(WARPS * 32) tc_attention_kernel(const AttentionProblem pr, const Policy pol) {
   using Cfg = TcConfig<T, D, WARPS, BK>;
   constexpr int BQ = Cfg::BQ, LD = Cfg::LD, THREADS = Cfg::THREADS;
+  constexpr bool kQK = reads_qk<Policy>::value;
+  constexpr bool kSoftmax = !relu_squared_weights<Policy>::value;
   static_assert(D % 16 == 0 && BK % 16 == 0, "mma tiles");
 
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
-  T* sK = sQ + BQ * LD;      // two stages of BK rows
-  T* sV = sK + 2 * BK * LD;  // two stages of BK rows
+  T* sK = sQ + BQ * LD;                     // two stages of BK rows
+  T* sV = sK + (kQK ? 2 * BK * LD : 0);     // two stages of BK rows
   int* scratch = reinterpret_cast<int*>(sV + 2 * BK * LD);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * BQ;
-  const T* qg = static_cast<const T*>(pr.q) + b * pr.q_batch + h * D;
-  const T* kg = static_cast<const T*>(pr.k) + b * pr.k_batch + h * D;
+  const T* qg = kQK ? static_cast<const T*>(pr.q) + b * pr.q_batch + h * D : nullptr;
+  const T* kg = kQK ? static_cast<const T*>(pr.k) + b * pr.k_batch + h * D : nullptr;
   const T* vg = static_cast<const T*>(pr.v) + b * pr.v_batch + h * D;
 
-  load_rows_async<T, BQ, D, THREADS>(sQ, LD, qg, pr.q_stride, q0, pr.q_len);
+  if constexpr (kQK) load_rows_async<T, BQ, D, THREADS>(sQ, LD, qg, pr.q_stride, q0, pr.q_len);
   const int n_tiles = pol.prepare(scratch, b, h, q0);
   if (n_tiles > 0) {
     const int k0 = pol.tile_start(scratch, 0);
-    load_rows_async<T, BK, D, THREADS>(sK, LD, kg, pr.k_stride, k0, pr.kv_len);
+    if constexpr (kQK) load_rows_async<T, BK, D, THREADS>(sK, LD, kg, pr.k_stride, k0, pr.kv_len);
     load_rows_async<T, BK, D, THREADS>(sV, LD, vg, pr.v_stride, k0, pr.kv_len);
   }
   cp_async_commit();
@@ -107,7 +125,7 @@ __global__ void __launch_bounds__(WARPS * 32) tc_attention_kernel(const Attentio
   for (int it = 0; it < n_tiles; ++it) {
     cp_async_wait<0>();
     __syncthreads();  // tile `it` has landed and every warp is done with the stage the next load overwrites
-    if (it == 0) {
+    if (kQK && it == 0) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) load_a(qf[kk], sQ, LD, warp * 16, kk * 16, lane);
     }
@@ -115,7 +133,7 @@ __global__ void __launch_bounds__(WARPS * 32) tc_attention_kernel(const Attentio
       const int k1 = pol.tile_start(scratch, it + 1);
       T* nK = sK + ((it + 1) & 1) * BK * LD;
       T* nV = sV + ((it + 1) & 1) * BK * LD;
-      load_rows_async<T, BK, D, THREADS>(nK, LD, kg, pr.k_stride, k1, pr.kv_len);
+      if constexpr (kQK) load_rows_async<T, BK, D, THREADS>(nK, LD, kg, pr.k_stride, k1, pr.kv_len);
       load_rows_async<T, BK, D, THREADS>(nV, LD, vg, pr.v_stride, k1, pr.kv_len);
     }
     cp_async_commit();
@@ -127,50 +145,73 @@ __global__ void __launch_bounds__(WARPS * 32) tc_attention_kernel(const Attentio
     float s[BK / 8][4];
 #pragma unroll
     for (int i = 0; i < BK / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    if constexpr (kQK) {
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
+      for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
-      for (int np = 0; np < BK / 16; ++np) {
-        uint32_t bf[4];
-        load_b_nk(bf, cK, LD, np * 16, kk * 16, lane);
-        mma16816<T>(s[2 * np], qf[kk], bf[0], bf[1]);
-        mma16816<T>(s[2 * np + 1], qf[kk], bf[2], bf[3]);
+        for (int np = 0; np < BK / 16; ++np) {
+          uint32_t bf[4];
+          load_b_nk(bf, cK, LD, np * 16, kk * 16, lane);
+          mma16816<T>(s[2 * np], qf[kk], bf[0], bf[1]);
+          mma16816<T>(s[2 * np + 1], qf[kk], bf[2], bf[3]);
+        }
       }
     }
 
-    // scores, masks and the online-softmax update (rows r = 0: row0, r = 1: row0 + 8)
-    float tile_max[2] = {-INFINITY, -INFINITY};
+    if constexpr (kSoftmax) {
+      // scores, masks and the online-softmax update (rows r = 0: row0, r = 1: row0 + 8)
+      float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int nt = 0; nt < BK / 8; ++nt) {
+      for (int nt = 0; nt < BK / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        const int j = k0 + nt * 8 + col_in_tile + (e & 1);
-        s[nt][e] = pol.logit(b, h, row0 + 8 * r, j, s[nt][e]);
-        tile_max[r] = fmaxf(tile_max[r], s[nt][e]);
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1;
+          const int j = k0 + nt * 8 + col_in_tile + (e & 1);
+          s[nt][e] = pol.logit(b, h, row0 + 8 * r, j, s[nt][e]);
+          tile_max[r] = fmaxf(tile_max[r], s[nt][e]);
+        }
       }
-    }
-    float ref[2];
+      float ref[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float m_new = fmaxf(row_max[r], quad_max(tile_max[r]));
-      ref[r] = softmax_ref(m_new);
-      const float alpha = exp2f(row_max[r] - ref[r]);  // 0 while the row had nothing, 1 when the max holds
-      row_max[r] = m_new;
-      row_sum[r] *= alpha;
+      for (int r = 0; r < 2; ++r) {
+        const float m_new = fmaxf(row_max[r], quad_max(tile_max[r]));
+        ref[r] = softmax_ref(m_new);
+        const float alpha = exp2f(row_max[r] - ref[r]);  // 0 while the row had nothing, 1 when the max holds
+        row_max[r] = m_new;
+        row_sum[r] *= alpha;
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o[dt][2 * r] *= alpha;
-        o[dt][2 * r + 1] *= alpha;
+        for (int dt = 0; dt < D / 8; ++dt) {
+          o[dt][2 * r] *= alpha;
+          o[dt][2 * r + 1] *= alpha;
+        }
       }
-    }
 #pragma unroll
-    for (int nt = 0; nt < BK / 8; ++nt) {
+      for (int nt = 0; nt < BK / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float p = exp2f(s[nt][e] - ref[e >> 1]);
-        row_sum[e >> 1] += p;  // per-thread partial; the 4 lanes of a row are summed once at the end
-        s[nt][e] = p;
+        for (int e = 0; e < 4; ++e) {
+          const float p = exp2f(s[nt][e] - ref[e >> 1]);
+          row_sum[e >> 1] += p;  // per-thread partial; the 4 lanes of a row are summed once at the end
+          s[nt][e] = p;
+        }
+      }
+    } else {
+      // relu(s)^2: each weight stands alone, so O just accumulates (a masked key's -inf gives 0). Scores first,
+      // then weights, as above: fused into one loop, ptxas spills at D=64 on sm_80.
+#pragma unroll
+      for (int nt = 0; nt < BK / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = k0 + nt * 8 + col_in_tile + (e & 1);
+          s[nt][e] = pol.logit(b, h, row0 + 8 * (e >> 1), j, s[nt][e]);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < BK / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float x = fmaxf(s[nt][e], 0.f);
+          s[nt][e] = x * x;
+        }
       }
     }
 
@@ -192,12 +233,15 @@ __global__ void __launch_bounds__(WARPS * 32) tc_attention_kernel(const Attentio
   cp_async_wait<0>();
   __syncthreads();  // no copy into sQ may still be in flight when it is reused for the output
 
-  // normalise, stage this warp's 16 rows in sQ, then write 16-byte chunks
+  // normalise (softmax only), stage this warp's 16 rows in sQ, then write 16-byte chunks
   T* sO = sQ + warp * 16 * LD;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float total = quad_sum(row_sum[r]);
-    const float inv = total > 0.f ? __frcp_rn(total) : 0.f;
+    float inv = 1.f;
+    if constexpr (kSoftmax) {
+      const float total = quad_sum(row_sum[r]);
+      inv = total > 0.f ? __frcp_rn(total) : 0.f;
+    }
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
       *reinterpret_cast<uint32_t*>(sO + (lane / 4 + 8 * r) * LD + dt * 8 + col_in_tile) =
@@ -219,7 +263,7 @@ cudaError_t launch_tc_attention(const AttentionProblem& pr, Policy pol, int batc
                                 cudaStream_t stream) {
   using Cfg = TcConfig<T, D, WARPS, BK>;
   pol.tile = BK;
-  const size_t smem = Cfg::smem_bytes(scratch_ints);
+  const size_t smem = Cfg::smem_bytes(scratch_ints, reads_qk<Policy>::value);
   auto kernel = tc_attention_kernel<T, D, WARPS, BK, Policy>;
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
@@ -254,8 +298,10 @@ __global__ void __launch_bounds__(128, 4)  // 4 blocks/SM: also steers ptxas awa
     simt_attention_kernel(const AttentionProblem pr, const Policy pol, const int rows_per_block) {
   constexpr int RPW = kSimtRows / 4;  // rows per warp
   constexpr int VC = DMAX / 32;       // output columns per lane
+  constexpr bool kQK = reads_qk<Policy>::value;
+  constexpr bool kSoftmax = !relu_squared_weights<Policy>::value;
   extern __shared__ __align__(16) unsigned char smem[];
-  const int dk = pr.head_dim, dv = pr.v_head_dim, kt = pol.tile;
+  const int dk = kQK ? pr.head_dim : 0, dv = pr.v_head_dim, kt = pol.tile;
   float* sQ = reinterpret_cast<float*>(smem);  // [16][dk]
   float* sK = sQ + kSimtRows * dk;             // [32][dk + 1]: lane-per-key reads hit distinct banks
   float* sV = sK + kSimtKeys * (dk + 1);       // [32][DMAX], zero past dv
@@ -263,14 +309,16 @@ __global__ void __launch_bounds__(128, 4)  // 4 blocks/SM: also steers ptxas awa
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * rows_per_block;
-  const T* qg = static_cast<const T*>(pr.q) + b * pr.q_batch + h * dk;
-  const T* kg = static_cast<const T*>(pr.k) + b * pr.k_batch + h * dk;
+  const T* qg = kQK ? static_cast<const T*>(pr.q) + b * pr.q_batch + h * dk : nullptr;
+  const T* kg = kQK ? static_cast<const T*>(pr.k) + b * pr.k_batch + h * dk : nullptr;
   const T* vg = static_cast<const T*>(pr.v) + b * pr.v_batch + h * dv;
 
-  for (int x = threadIdx.x; x < kSimtRows * dk; x += blockDim.x) {
-    const int r = x / dk, d = x % dk;
-    const bool ok = r < rows_per_block && q0 + r < pr.q_len;
-    sQ[x] = ok ? to_float(qg[(q0 + r) * pr.q_stride + d]) : 0.f;
+  if constexpr (kQK) {
+    for (int x = threadIdx.x; x < kSimtRows * dk; x += blockDim.x) {
+      const int r = x / dk, d = x % dk;
+      const bool ok = r < rows_per_block && q0 + r < pr.q_len;
+      sQ[x] = ok ? to_float(qg[(q0 + r) * pr.q_stride + d]) : 0.f;
+    }
   }
   const int n_tiles = pol.prepare(scratch, b, h, q0);
 
@@ -286,10 +334,12 @@ __global__ void __launch_bounds__(128, 4)  // 4 blocks/SM: also steers ptxas awa
   for (int it = 0; it < n_tiles; ++it) {
     const int k0 = pol.tile_start(scratch, it);
     __syncthreads();  // the previous tile is consumed (and sQ is written, on the first pass)
-    for (int x = threadIdx.x; x < kSimtKeys * dk; x += blockDim.x) {
-      const int j = x / dk, d = x % dk;
-      const bool ok = j < kt && k0 + j < pr.kv_len;
-      sK[j * (dk + 1) + d] = ok ? to_float(kg[(k0 + j) * pr.k_stride + d]) : 0.f;
+    if constexpr (kQK) {
+      for (int x = threadIdx.x; x < kSimtKeys * dk; x += blockDim.x) {
+        const int j = x / dk, d = x % dk;
+        const bool ok = j < kt && k0 + j < pr.kv_len;
+        sK[j * (dk + 1) + d] = ok ? to_float(kg[(k0 + j) * pr.k_stride + d]) : 0.f;
+      }
     }
     for (int x = threadIdx.x; x < kSimtKeys * DMAX; x += blockDim.x) {
       const int j = x / DMAX, d = x % DMAX;
@@ -301,26 +351,33 @@ __global__ void __launch_bounds__(128, 4)  // 4 blocks/SM: also steers ptxas awa
     float s[RPW];
 #pragma unroll
     for (int rr = 0; rr < RPW; ++rr) s[rr] = 0.f;
-    const float* krow = sK + lane * (dk + 1);
-    for (int d = 0; d < dk; ++d) {
-      const float kd = krow[d];
+    if constexpr (kQK) {
+      const float* krow = sK + lane * (dk + 1);
+      for (int d = 0; d < dk; ++d) {
+        const float kd = krow[d];
 #pragma unroll
-      for (int rr = 0; rr < RPW; ++rr) s[rr] = fmaf(sQ[(warp * RPW + rr) * dk + d], kd, s[rr]);
+        for (int rr = 0; rr < RPW; ++rr) s[rr] = fmaf(sQ[(warp * RPW + rr) * dk + d], kd, s[rr]);
+      }
     }
 #pragma unroll
     for (int rr = 0; rr < RPW; ++rr) {
       const int r = warp * RPW + rr, i = q0 + r;
       const bool visible = lane < kt && r < rows_per_block && i < pr.q_len;
       const float x = visible ? pol.logit(b, h, i, k0 + lane, s[rr]) : -INFINITY;
-      const float m_new = fmaxf(row_max[rr], warp_max(x));
-      const float ref = softmax_ref(m_new);
-      const float alpha = exp2f(row_max[rr] - ref);
-      const float p = exp2f(x - ref);
-      row_max[rr] = m_new;
-      row_sum[rr] = row_sum[rr] * alpha + warp_sum(p);
+      if constexpr (kSoftmax) {
+        const float m_new = fmaxf(row_max[rr], warp_max(x));
+        const float ref = softmax_ref(m_new);
+        const float alpha = exp2f(row_max[rr] - ref);
+        const float p = exp2f(x - ref);
+        row_max[rr] = m_new;
+        row_sum[rr] = row_sum[rr] * alpha + warp_sum(p);
 #pragma unroll
-      for (int c = 0; c < VC; ++c) acc[rr][c] *= alpha;
-      s[rr] = p;
+        for (int c = 0; c < VC; ++c) acc[rr][c] *= alpha;
+        s[rr] = p;
+      } else {
+        const float relu = fmaxf(x, 0.f);  // relu(s)^2, no normalisation
+        s[rr] = relu * relu;
+      }
     }
 #pragma unroll 4
     for (int j = 0; j < kt; ++j) {
@@ -338,7 +395,7 @@ __global__ void __launch_bounds__(128, 4)  // 4 blocks/SM: also steers ptxas awa
   for (int rr = 0; rr < RPW; ++rr) {
     const int r = warp * RPW + rr, i = q0 + r;
     if (r >= rows_per_block || i >= pr.q_len) continue;
-    const float inv = row_sum[rr] > 0.f ? __frcp_rn(row_sum[rr]) : 0.f;
+    const float inv = !kSoftmax ? 1.f : row_sum[rr] > 0.f ? __frcp_rn(row_sum[rr]) : 0.f;
 #pragma unroll
     for (int c = 0; c < VC; ++c) {
       const int d = c * 32 + lane;
@@ -352,7 +409,8 @@ template <typename T, class Policy>
 cudaError_t launch_simt_attention(const AttentionProblem& pr, Policy pol, int batch, int rows_per_block,
                                   int keys_per_tile, int scratch_ints, cudaStream_t stream) {
   pol.tile = keys_per_tile;
-  const int dmax = pr.head_dim > pr.v_head_dim ? pr.head_dim : pr.v_head_dim;
+  const int dk = reads_qk<Policy>::value ? pr.head_dim : 0;  // no Q or K tile in shared memory without QK
+  const int dmax = dk > pr.v_head_dim ? dk : pr.v_head_dim;
   const dim3 grid(ceil_div(pr.q_len, rows_per_block), pr.heads, batch);
   auto run = [&](auto kernel, size_t smem) -> cudaError_t {
     cudaError_t err = allow_smem(kernel, smem);
@@ -360,11 +418,9 @@ cudaError_t launch_simt_attention(const AttentionProblem& pr, Policy pol, int ba
     kernel<<<grid, 128, smem, stream>>>(pr, pol, rows_per_block);
     return cudaGetLastError();
   };
-  if (dmax <= 64) return run(simt_attention_kernel<T, 64, Policy>, simt_attention_smem<64>(pr.head_dim, scratch_ints));
-  if (dmax <= 128)
-    return run(simt_attention_kernel<T, 128, Policy>, simt_attention_smem<128>(pr.head_dim, scratch_ints));
-  if (dmax <= 256)
-    return run(simt_attention_kernel<T, 256, Policy>, simt_attention_smem<256>(pr.head_dim, scratch_ints));
+  if (dmax <= 64) return run(simt_attention_kernel<T, 64, Policy>, simt_attention_smem<64>(dk, scratch_ints));
+  if (dmax <= 128) return run(simt_attention_kernel<T, 128, Policy>, simt_attention_smem<128>(dk, scratch_ints));
+  if (dmax <= 256) return run(simt_attention_kernel<T, 256, Policy>, simt_attention_smem<256>(dk, scratch_ints));
   return cudaErrorInvalidValue;
 }
 

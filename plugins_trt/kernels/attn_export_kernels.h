@@ -54,23 +54,30 @@ struct BlockSparseAttentionParams {
 
 // ---------------------------------------------------------------------------------------------------------------
 // DenseAttention (attn_export/ops/dense_attention.py)
-// softmax(scale * q.k^T + bias [+ causal mask]) v with float32 statistics; bias broadcasts over batch and heads.
+// weights(scale * q.k^T + bias [+ causal mask]) v with float32 statistics; bias broadcasts over batch and heads.
+// weights: softmax over each row, or relu(s)^2 with no normalisation. With logits_input the bias is the whole
+// score (query and key are not read; scale and head_dim are ignored).
+// The codes of `score_fn`, in the order of dense_attention.SCORE_FNS.
+enum class ScoreFn : int32_t { kSoftmax = 0, kReluSquared = 1 };
+
 struct DenseAttentionParams {
-  const void* query;           // [batch, q_len, num_heads * head_dim]
-  const void* key;             // [batch, kv_len, num_heads * head_dim]
+  const void* query;           // [batch, q_len, num_heads * head_dim] (not read with logits_input)
+  const void* key;             // [batch, kv_len, num_heads * head_dim] (not read with logits_input)
   const void* value;           // [batch, kv_len, num_heads * v_head_dim]
   const void* bias;            // [bias_batch, bias_heads, q_len, kv_len] or nullptr; -inf masks a key
   void* output;                // [batch, q_len, num_heads * v_head_dim]
   int32_t batch;
   int32_t q_len;
   int32_t kv_len;
-  int32_t head_dim;
+  int32_t head_dim;            // ignored with logits_input
   int32_t v_head_dim;
   int32_t bias_batch;          // 1 or batch (ignored without bias)
   int32_t bias_heads;          // 1 or num_heads (ignored without bias)
   int32_t num_heads;
-  float scale;                 // 0 means 1/sqrt(head_dim)
+  float scale;                 // 0 means 1/sqrt(head_dim); ignored with logits_input
   int32_t causal;              // 1: query i sees keys j <= i + kv_len - q_len
+  int32_t score_fn;            // enum ScoreFn
+  int32_t logits_input;        // 1: bias (required) holds the logits
 };
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -1,18 +1,25 @@
-// DenseAttention: softmax(scale * q.k^T + bias [+ causal]) v (attn_export/ops/dense_attention.py).
+// DenseAttention: weights(scale * q.k^T + bias [+ causal]) v (attn_export/ops/dense_attention.py), weights softmax
+// or relu(s)^2, and with logits_input the bias as the whole score (Q and K are then never loaded).
 // Key tiles run from 0 to the last key any row of the query tile may see (causal tiles past the diagonal are never
 // loaded); the bias is read in the score's fragment layout, so it costs one pass over [Nq, Nk] and nothing more.
+// score_fn and logits_input are template arguments of the policy, so the softmax path compiles as before.
 #include "attention_core.cuh"
 
 namespace attn_export {
 namespace detail {
 namespace {
 
-template <typename T>
+template <typename T, bool RELU_SQUARED, bool LOGITS>
 struct DensePolicy {
-  const T* bias;  // nullptr: none
+  static constexpr bool kReluSquared = RELU_SQUARED;
+  static constexpr bool kReadsQK = !LOGITS;
+  // softmax works in log2 units (exp2f), relu(s)^2 on s itself
+  static constexpr float kUnits = RELU_SQUARED ? 1.f : kLog2e;
+
+  const T* bias;  // nullptr: none (never with LOGITS)
   int64_t bias_batch_stride, bias_head_stride;
   int q_len, kv_len, causal, diagonal;  // diagonal = kv_len - q_len: query i sees keys j <= i + diagonal
-  float scale_log2;
+  float scale_units;                    // scale * kUnits
   int rows_per_tile;
   int tile;
 
@@ -27,32 +34,37 @@ struct DensePolicy {
   __device__ int tile_start(const int*, int it) const { return it * tile; }
   __device__ float logit(int b, int h, int i, int j, float qk) const {
     if (i >= q_len || j >= kv_len || (causal && j > i + diagonal)) return -INFINITY;
-    float x = qk * scale_log2;
-    if (bias) {
+    float x = LOGITS ? 0.f : qk * scale_units;
+    if (LOGITS || bias) {
       const int64_t at = b * bias_batch_stride + h * bias_head_stride + static_cast<int64_t>(i) * kv_len + j;
-      x += to_float(bias[at]) * kLog2e;
+      x += to_float(bias[at]) * kUnits;
     }
     return x;
   }
 };
 
-template <typename T>
-cudaError_t run(const DenseAttentionParams& p, cudaStream_t stream) {
-  const AttentionProblem pr = make_problem(p.query, p.key, p.value, p.output, p.num_heads, p.q_len, p.kv_len,
-                                           p.head_dim, p.v_head_dim);
-  DensePolicy<T> pol{};
+template <typename T, bool RELU_SQUARED, bool LOGITS>
+cudaError_t run_with(const DenseAttentionParams& p, cudaStream_t stream) {
+  // Without QK the problem's head dim is the value's, which picks the tensor-core tile; q and k stay unread.
+  const int head_dim = LOGITS ? p.v_head_dim : p.head_dim;
+  const AttentionProblem pr = make_problem(LOGITS ? nullptr : p.query, LOGITS ? nullptr : p.key, p.value, p.output,
+                                           p.num_heads, p.q_len, p.kv_len, head_dim, p.v_head_dim);
+  using Policy = DensePolicy<T, RELU_SQUARED, LOGITS>;
+  Policy pol{};
   pol.bias = static_cast<const T*>(p.bias);
   const int64_t plane = static_cast<int64_t>(p.q_len) * p.kv_len;
   pol.bias_head_stride = p.bias_heads == 1 ? 0 : plane;
   pol.bias_batch_stride = p.bias_batch == 1 ? 0 : plane * p.bias_heads;
   pol.q_len = p.q_len, pol.kv_len = p.kv_len, pol.causal = p.causal != 0, pol.diagonal = p.kv_len - p.q_len;
-  const float scale = p.scale != 0.f ? p.scale : 1.f / std::sqrt(static_cast<float>(p.head_dim));
-  pol.scale_log2 = scale * kLog2e;
+  if (!LOGITS) {
+    const float scale = p.scale != 0.f ? p.scale : 1.f / std::sqrt(static_cast<float>(p.head_dim));
+    pol.scale_units = scale * Policy::kUnits;
+  }
 
   if constexpr (sizeof(T) == 2) {
     if (tc_attention_applies<T>(pr)) {
       pol.rows_per_tile = 64;
-      switch (p.head_dim) {
+      switch (head_dim) {
         case 32: return launch_tc_attention<T, 32, 4, 64>(pr, pol, p.batch, 0, stream);
         case 64: return launch_tc_attention<T, 64, 4, 64>(pr, pol, p.batch, 0, stream);
         case 128: return launch_tc_attention<T, 128, 4, 32>(pr, pol, p.batch, 0, stream);
@@ -63,14 +75,26 @@ cudaError_t run(const DenseAttentionParams& p, cudaStream_t stream) {
   return launch_simt_attention<T>(pr, pol, p.batch, kSimtRows, kSimtKeys, 0, stream);
 }
 
+template <typename T>
+cudaError_t run(const DenseAttentionParams& p, cudaStream_t stream) {
+  const bool relu_squared = p.score_fn == static_cast<int32_t>(ScoreFn::kReluSquared);
+  if (p.logits_input) return relu_squared ? run_with<T, true, true>(p, stream) : run_with<T, false, true>(p, stream);
+  return relu_squared ? run_with<T, true, false>(p, stream) : run_with<T, false, false>(p, stream);
+}
+
 }  // namespace
 }  // namespace detail
 
 size_t dense_attention_workspace_size(const DenseAttentionParams&) { return 0; }
 
 cudaError_t launch_dense_attention(const DenseAttentionParams& p, DataType dtype, void*, cudaStream_t stream) {
-  if (p.batch <= 0 || p.num_heads <= 0 || p.q_len < 0 || p.kv_len < 0 || p.head_dim <= 0 || p.v_head_dim <= 0)
+  if (p.batch <= 0 || p.num_heads <= 0 || p.q_len < 0 || p.kv_len < 0 || p.v_head_dim <= 0)
     return cudaErrorInvalidValue;
+  if (p.score_fn < static_cast<int32_t>(ScoreFn::kSoftmax) || p.score_fn > static_cast<int32_t>(ScoreFn::kReluSquared))
+    return cudaErrorInvalidValue;
+  if (p.logits_input != 0 && p.logits_input != 1) return cudaErrorInvalidValue;
+  if (p.logits_input && !p.bias) return cudaErrorInvalidValue;  // the logits come in as the bias
+  if (!p.logits_input && p.head_dim <= 0) return cudaErrorInvalidValue;
   if (p.bias && ((p.bias_batch != 1 && p.bias_batch != p.batch) || (p.bias_heads != 1 && p.bias_heads != p.num_heads)))
     return cudaErrorInvalidValue;
   if (p.q_len == 0) return cudaSuccess;

@@ -72,16 +72,25 @@ at::Tensor block_sparse_attention(const at::Tensor& query, const at::Tensor& key
 }
 
 at::Tensor dense_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                           const std::optional<at::Tensor>& bias, int64_t num_heads, double scale, int64_t causal) {
+                           const std::optional<at::Tensor>& bias, int64_t num_heads, double scale, int64_t causal,
+                           int64_t score_fn, int64_t logits_input) {
   TORCH_CHECK(query.is_cuda() && query.dim() == 3, "query must be a CUDA tensor [B, Nq, H*D]");
+  TORCH_CHECK(logits_input == 0 || logits_input == 1, "logits_input must be 0 or 1");
   const c10::cuda::CUDAGuard guard(query.device());
-  const at::Tensor q = query.contiguous(), k = floating(key, query, "key", 3), v = floating(value, query, "value", 3);
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2) && v.size(0) == q.size(0) && v.size(1) == k.size(1),
-              "key must be [B, Nk, H*D] and value [B, Nk, H*Dv]");
+  const at::Tensor v = floating(value, query, "value", 3);
   attn_export::DenseAttentionParams p{};
-  p.batch = q.size(0), p.q_len = q.size(1), p.kv_len = k.size(1);
-  p.head_dim = head_dim_of(q, num_heads, "query"), p.v_head_dim = head_dim_of(v, num_heads, "value");
-  p.num_heads = num_heads, p.scale = scale, p.causal = causal;
+  p.batch = query.size(0), p.q_len = query.size(1), p.kv_len = v.size(1);
+  p.v_head_dim = head_dim_of(v, num_heads, "value");
+  p.num_heads = num_heads, p.scale = scale, p.causal = causal, p.score_fn = score_fn, p.logits_input = logits_input;
+  TORCH_CHECK(v.size(0) == p.batch, "value must be [B, Nk, H*Dv]");
+  at::Tensor q, k;
+  if (!logits_input) {  // with logits_input the kernel reads neither, so neither is copied or checked
+    q = query.contiguous(), k = floating(key, query, "key", 3);
+    TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2) && v.size(1) == k.size(1),
+                "key must be [B, Nk, H*D] and value [B, Nk, H*Dv]");
+    p.head_dim = head_dim_of(q, num_heads, "query");
+    p.query = q.data_ptr(), p.key = k.data_ptr();
+  }
   at::Tensor b;
   if (bias && bias->defined()) {
     b = floating(*bias, query, "bias", 4);
@@ -90,13 +99,14 @@ at::Tensor dense_attention(const at::Tensor& query, const at::Tensor& key, const
                 "bias must be [B or 1, H or 1, Nq, Nk], got ", b.sizes());
     p.bias = b.data_ptr(), p.bias_batch = b.size(0), p.bias_heads = b.size(1);
   } else {
+    TORCH_CHECK(!logits_input, "logits_input=1 needs the logits as the bias input");
     p.bias_batch = p.bias_heads = 1;
   }
-  p.query = q.data_ptr(), p.key = k.data_ptr(), p.value = v.data_ptr();
-  at::Tensor out = at::empty({p.batch, p.q_len, num_heads * p.v_head_dim}, q.options());
+  p.value = v.data_ptr();
+  at::Tensor out = at::empty({p.batch, p.q_len, num_heads * p.v_head_dim}, query.options());
   p.output = out.data_ptr();
-  at::Tensor ws = scratch(attn_export::dense_attention_workspace_size(p), q);
-  check(attn_export::launch_dense_attention(p, dtype_of(q), ws.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+  at::Tensor ws = scratch(attn_export::dense_attention_workspace_size(p), query);
+  check(attn_export::launch_dense_attention(p, dtype_of(query), ws.data_ptr(), c10::cuda::getCurrentCUDAStream()),
         "DenseAttention");
   return out;
 }

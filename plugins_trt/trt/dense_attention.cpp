@@ -6,10 +6,17 @@ namespace trt_plugins {
 
 namespace c = contracts::dense_attention;
 
+// The generated option order is the kernel's enum order (both follow dense_attention.SCORE_FNS).
+static_assert(static_cast<int32_t>(ScoreFn::kSoftmax) == 0 && static_cast<int32_t>(ScoreFn::kReluSquared) == 1,
+              "score_fn codes follow SCORE_FNS");
+
 Status DenseAttentionOp::checkFields(FieldValues const& f) {
   if (f.getInt(c::kNumHeads) < 1) return Status::error("num_heads must be at least 1");
   int32_t const causal = f.getInt(c::kCausal);
   if (causal != 0 && causal != 1) return Status::error("causal must be 0 or 1");
+  int32_t const logitsInput = f.getInt(c::kLogitsInput);
+  if (logitsInput != 0 && logitsInput != 1) return Status::error("logits_input must be 0 or 1");
+  // an unknown score_fn never gets here: FieldValues::set refuses it, naming the options
   return Status();
 }
 
@@ -19,38 +26,54 @@ Status DenseAttentionOp::makeParams(FieldValues const& f, TensorShape const* in,
   TensorShape const& k = in[1];
   TensorShape const& v = in[2];
   bool const hasBias = nbInputs > 3;
+  bool const logits = f.getInt(c::kLogitsInput) != 0;
   p = Params{};
   p.num_heads = f.getInt(c::kNumHeads);
   p.scale = f.getFloat(c::kScale);
   p.causal = f.getInt(c::kCausal);
+  p.score_fn = f.getCode(c::kScoreFn);
+  p.logits_input = logits ? 1 : 0;
   p.batch = extent(q.d[0]);
   p.q_len = extent(q.d[1]);
-  p.kv_len = extent(k.d[1]);
-  p.head_dim = p.num_heads > 0 ? extent(q.d[2]) / p.num_heads : 0;
+  // With logits_input the keys are the value's rows and the query only gives batch and rows: its width and the
+  // key are never read, so they are not checked (the contract's reference does not read them either).
+  p.kv_len = extent(logits ? v.d[1] : k.d[1]);
+  p.head_dim = p.num_heads > 0 && !logits ? extent(q.d[2]) / p.num_heads : 0;
   p.v_head_dim = p.num_heads > 0 ? extent(v.d[2]) / p.num_heads : 0;
   p.bias_batch = hasBias ? extent(in[3].d[0]) : 1;
   p.bias_heads = hasBias ? extent(in[3].d[1]) : 1;
 
-  if (p.num_heads < 1 || q.d[2] % p.num_heads != 0 || v.d[2] % p.num_heads != 0) {
-    return Status::error("the query width " + std::to_string(q.d[2]) + " and the value width " +
-                         std::to_string(v.d[2]) + " must be multiples of num_heads " + std::to_string(p.num_heads));
-  }
-  if (k.d[0] != q.d[0] || k.d[2] != q.d[2]) {
-    return Status::error(describeInput(spec(), in, 1) + " must match the query " + shapeString(q) +
-                         " in batch and width");
-  }
-  if (v.d[0] != q.d[0] || v.d[1] != k.d[1]) {
-    return Status::error(describeInput(spec(), in, 2) + " must match the key " + shapeString(k) +
-                         " in batch and length");
+  if (logits) {
+    if (p.num_heads < 1 || v.d[2] % p.num_heads != 0) {
+      return Status::error("the value width " + std::to_string(v.d[2]) + " must be a multiple of num_heads " +
+                           std::to_string(p.num_heads));
+    }
+    if (v.d[0] != q.d[0]) {
+      return Status::error(describeInput(spec(), in, 2) + " must match the query " + shapeString(q) + " in batch");
+    }
+    if (!hasBias) return Status::error("logits_input=1 needs the logits as the bias input");
+  } else {
+    if (p.num_heads < 1 || q.d[2] % p.num_heads != 0 || v.d[2] % p.num_heads != 0) {
+      return Status::error("the query width " + std::to_string(q.d[2]) + " and the value width " +
+                           std::to_string(v.d[2]) + " must be multiples of num_heads " + std::to_string(p.num_heads));
+    }
+    if (k.d[0] != q.d[0] || k.d[2] != q.d[2]) {
+      return Status::error(describeInput(spec(), in, 1) + " must match the query " + shapeString(q) +
+                           " in batch and width");
+    }
+    if (v.d[0] != q.d[0] || v.d[1] != k.d[1]) {
+      return Status::error(describeInput(spec(), in, 2) + " must match the key " + shapeString(k) +
+                           " in batch and length");
+    }
   }
   if (hasBias) {
     TensorShape const& bias = in[3];
     bool const ok = (bias.d[0] == 1 || bias.d[0] == q.d[0]) && (bias.d[1] == 1 || bias.d[1] == p.num_heads) &&
-                    bias.d[2] == q.d[1] && bias.d[3] == k.d[1];
+                    bias.d[2] == q.d[1] && bias.d[3] == p.kv_len;
     if (!ok) {
       return Status::error(describeInput(spec(), in, 3) + " must be [1 or " + std::to_string(q.d[0]) + ", 1 or " +
                            std::to_string(p.num_heads) + ", " + std::to_string(q.d[1]) + ", " +
-                           std::to_string(k.d[1]) + "]");
+                           std::to_string(p.kv_len) + "]" + (logits ? " (the logits)" : ""));
     }
   }
   return Status();

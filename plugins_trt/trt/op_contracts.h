@@ -13,7 +13,7 @@ namespace contracts {
 inline constexpr char kPluginNamespace[] = "attn_export";
 // Fingerprint of the tables below (attn_export.plugin_contracts.contracts_digest()), recorded by engine
 // manifests.
-#define ATTN_EXPORT_CONTRACTS_DIGEST "da83c2f43cadc52d"
+#define ATTN_EXPORT_CONTRACTS_DIGEST "2b5385de98378761"
 inline constexpr char kContractsDigest[] = ATTN_EXPORT_CONTRACTS_DIGEST;
 
 // BlockSparseAttention v1: attn_export/ops/block_sparse_attention.py
@@ -41,11 +41,14 @@ inline constexpr OpSpec kSpec{kName, kVersion, kPluginNamespace, kFields, 4, kIn
 namespace dense_attention {
 inline constexpr char kName[] = "DenseAttention";
 inline constexpr char kVersion[] = "1";
-enum Field : int32_t { kNumHeads = 0, kScale = 1, kCausal = 2 };
+enum Field : int32_t { kNumHeads = 0, kScale = 1, kCausal = 2, kScoreFn = 3, kLogitsInput = 4 };
+inline constexpr char const* kScoreFnOptions[] = {"softmax", "relu_squared"};
 inline constexpr FieldSpec kFields[] = {
     {"num_heads", FieldKind::kInt, 1, 0.0f, "", nullptr, 0, nullptr, 0},
     {"scale", FieldKind::kFloat, 0, 0.0f, "", nullptr, 0, nullptr, 0},
     {"causal", FieldKind::kInt, 0, 0.0f, "", nullptr, 0, nullptr, 0},
+    {"score_fn", FieldKind::kString, 0, 0.0f, "softmax", kScoreFnOptions, 2, nullptr, 0},
+    {"logits_input", FieldKind::kInt, 0, 0.0f, "", nullptr, 0, nullptr, 0},
 };
 inline constexpr InputSpec kInputs[] = {
     {"query", 3, TensorKind::kFloating, false},
@@ -54,7 +57,7 @@ inline constexpr InputSpec kInputs[] = {
     {"bias", 4, TensorKind::kFloating, true},
 };
 inline constexpr DimSource kOutputDims[] = {{0, 0, 0}, {0, 1, 0}, {2, 2, 0}};
-inline constexpr OpSpec kSpec{kName, kVersion, kPluginNamespace, kFields, 3, kInputs, 4, 3, kOutputDims, 3};
+inline constexpr OpSpec kSpec{kName, kVersion, kPluginNamespace, kFields, 5, kInputs, 4, 3, kOutputDims, 3};
 }  // namespace dense_attention
 
 // DisentangledAttention v1: attn_export/ops/disentangled_attention.py

@@ -571,14 +571,28 @@ int main() {
        "not a multiple of block_size",
        {numeric("num_heads", PluginFieldType::kFLOAT32, 4.0f), intField("block_size", 0), intField("no_such_field", 1)}},
       {"DenseAttention",
-       {intField("num_heads", 2), floatField("scale", 0.5f), intField("causal", 1)},
+       {intField("num_heads", 2), floatField("scale", 0.5f), intField("causal", 1),
+        stringField("score_fn", "relu_squared")},
        {{3, 5, 16}, {3, 7, 16}, {3, 7, 24}, {1, 2, 5, 7}},
        {false, false, false, false},
        {3, 5, 24},
-       " batch=3 q_len=5 kv_len=7 head_dim=8 v_head_dim=12 bias_batch=1 bias_heads=2 num_heads=2 scale=0.5 causal=1",
+       " batch=3 q_len=5 kv_len=7 head_dim=8 v_head_dim=12 bias_batch=1 bias_heads=2 num_heads=2 scale=0.5 causal=1"
+       " score_fn=1 logits_input=0",
        {{3, 5, 16}, {3, 7, 16}, {3, 7, 24}, {1, 2, 5, 6}},
        "input 'bias'",
-       {intField("causal", 2), numeric("scale", PluginFieldType::kINT32, int32_t{1})}},
+       {intField("causal", 2), numeric("scale", PluginFieldType::kINT32, int32_t{1}), stringField("score_fn", "relu"),
+        intField("logits_input", 2)}},
+      // the logits as the bias: the query gives only batch and rows, the key is not read
+      {"DenseAttention",
+       {intField("num_heads", 2), intField("logits_input", 1)},
+       {{3, 5, 6}, {3, 7, 16}, {3, 7, 24}, {1, 2, 5, 7}},
+       {false, false, false, false},
+       {3, 5, 24},
+       " batch=3 q_len=5 kv_len=7 head_dim=0 v_head_dim=12 bias_batch=1 bias_heads=2 num_heads=2 scale=0 causal=0"
+       " score_fn=0 logits_input=1",
+       {{3, 5, 6}, {3, 7, 16}, {3, 7, 24}, {1, 2, 5, 6}},
+       "(the logits)",
+       {intField("logits_input", -1)}},
       {"KernelizedAttention",
        {intField("num_heads", 2), stringField("feature_map", "favor_positive"), intField("causal", 1),
         intField("normalize", 1), floatField("scale", 0.25f), floatField("eps", 0.001f)},
@@ -628,7 +642,7 @@ int main() {
     if (creator) runScenario(creator, s, finder.logger);
   }
 
-  // optional inputs: DenseAttention without its bias
+  // optional inputs: DenseAttention without its bias, which logits_input=1 needs
   for (auto* c : v3) {
     if (std::strcmp(c->getPluginName(), "DenseAttention") != 0) continue;
     nvinfer1::PluginFieldCollection none{};
@@ -649,6 +663,15 @@ int main() {
     check(p.runtime->onShapeChange(desc.data(), 2, desc.data() + 2, 1) != 0 &&
               finder.logger.loggedSince(before, "takes 3 to 4 inputs"),
           "DenseAttention: two inputs are refused");
+    delete plugin;
+
+    Collection logits({intField("logits_input", 1)});
+    plugin = c->createPlugin("no_logits", &logits.fc, nvinfer1::TensorRTPhase::kBUILD);
+    p = interfaces(plugin);
+    size_t const beforeLogits = finder.logger.errors.size();
+    check(p.runtime->onShapeChange(desc.data(), 3, desc.data() + 3, 1) != 0 &&
+              finder.logger.loggedSince(beforeLogits, "needs the logits as the bias input"),
+          "DenseAttention: logits_input=1 without the bias input is refused");
     delete plugin;
   }
 
