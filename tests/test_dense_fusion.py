@@ -49,7 +49,11 @@ class Attention(nn.Module):
             o = torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5 + (1.0 - mask[:, None, None, :]) * -1e9, -1) @ v
         elif self.style == "wrong_axis":
             o = torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5, dim=-2) @ v
-        elif self.style == "leaked_scores":  # an inner tensor read after the layer
+        elif self.style == "leaked_probs":  # an inner tensor (the attention weights) read after the layer
+            probs = torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5, -1)
+            o = probs @ v
+            return self.out(o.transpose(1, 2).reshape(b, n, -1)) + probs.mean()
+        elif self.style == "materialised_scores":  # the logits read after the layer: fused as logits (K1-m)
             scores = q @ k.transpose(-1, -2) * d ** -0.5
             o = torch.softmax(scores, -1) @ v
             return self.out(o.transpose(1, 2).reshape(b, n, -1)) + scores.mean()
@@ -67,7 +71,8 @@ def _export(style, exporter, dynamic=True):
     return module, model, inputs if dynamic else inputs[:1]
 
 
-STYLES = ["sdpa", "sdpa_causal", "sdpa_bool_mask", "matmul_div", "additive_bias", "masked_fill", "padding_mask"]
+STYLES = ["sdpa", "sdpa_causal", "sdpa_bool_mask", "matmul_div", "additive_bias", "masked_fill", "padding_mask",
+          "materialised_scores"]
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
@@ -77,6 +82,8 @@ def test_other_writers_fuse_into_dense_attention_with_parity(style, exporter):
     fused, report = api.fuse(model)  # refuses to return a fused graph that differs from the reference
     assert report.attention_layers == 1 and report.all_fused, report.as_dict()
     assert [n.op_type for n in fused.graph.node if n.domain == "attn_export"] == ["DenseAttention"]
+    # only logits another op reads are handed over whole; otherwise q and k go in and QK^T is never materialised
+    assert report.layers[0].attributes["logits_input"] == (style == "materialised_scores")
     runner = OnnxRuntimeRunner(fused, "fused")
     for feeds in inputs:
         expected = module(**feeds).detach().numpy()
@@ -90,7 +97,7 @@ def test_fixed_length_export_fuses_too():
 
 
 @pytest.mark.parametrize("style,reason", [("wrong_axis", "not over the last (key) axis"),
-                                          ("leaked_scores", "also used outside the attention")])
+                                          ("leaked_probs", "also used outside the attention")])
 def test_near_misses_are_reported_not_fused(style, reason):
     _, model, _ = _export(style, "dynamo")
     fused, report = fuse_graph(model)

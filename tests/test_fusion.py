@@ -103,10 +103,11 @@ def test_fused_graph_that_disagrees_is_refused(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("name,layer,reason", [
-    ("flash", "layers.0", "product of two data tensors"),  # relu^2 attention: no softmax at all
+    # causal FLASH: relu^2 weights masked by a Trilu and a chunked prefix sum; no pass covers it yet
+    ("flash", "layers.0", "product of two data tensors"),
 ])
 def test_layers_without_a_softmax_are_reported_never_skipped(name, layer, reason):
-    _, model, _ = _export(name, "dynamo", True)
+    _, model, _ = _export(name, "dynamo", True, causal=True)
     _, report = fuse_graph(model)
     row = next((r for r in report.layers if r.name == layer), None)
     assert row is not None and row.status == "not fused" and reason in row.reason, report.as_dict()
@@ -154,3 +155,41 @@ def test_spade_state_space_layer_fuses_into_long_convolution(exporter):
     assert s4.status == "fused" and s4.op == "LongConvolution", report.as_dict()
     assert s4.attributes["channels"] == module.config.hidden
     assert not [n for n in fused.graph.node if n.op_type == "Conv"]
+
+
+def _expected_ops(name, config):
+    layers = config.num_layers
+    if name == "flash":  # local relu^2 per chunk + global linear part, in every layer
+        return {"DenseAttention": layers, "KernelizedAttention": layers}
+    if name == "spade":  # local attention per block in every layer, the state-space layer every s4_every layers
+        return {"DenseAttention": layers, "LongConvolution": len(range(0, layers, config.s4_every))}
+    return {"DenseAttention": layers}
+
+
+PER_CHUNK_CASES = [(name, exporter, dynamic) for name in ("evolving", "flash", "spade", "transformer-ls")
+                   for exporter, dynamic in (("dynamo", True), ("torchscript", True), ("dynamo", False))]
+
+
+@pytest.mark.parametrize("name,exporter,dynamic", PER_CHUNK_CASES)
+def test_chunked_materialised_and_two_part_layers_fuse_with_parity(name, exporter, dynamic):
+    module, model, inputs = _export(name, exporter, dynamic)
+    fused, report = api.fuse(model)  # refuses a fused graph that differs from the reference graph
+    assert report.all_fused, report.as_dict()
+    ops = [n.op_type for n in fused.graph.node if n.domain == "attn_export"]
+    assert {op: ops.count(op) for op in set(ops)} == _expected_ops(name, module.config)
+    attention = [layer.attributes for layer in report.layers if layer.op == "DenseAttention"]
+    if name == "evolving":  # every map is read by the next layer's convolution, so it stays materialised
+        assert all(a["logits_input"] == 1 for a in attention)
+    if name == "flash":
+        assert all(a["score_fn"] == "relu_squared" for a in attention)
+        assert all(layer.attributes["feature_map"] == "identity" and layer.attributes["normalize"] == 0
+                   for layer in report.layers if layer.op == "KernelizedAttention")
+    assert not [n for n in fused.graph.node if name == "flash" and n.op_type == "Relu"]
+    # Transformer-LS keeps its dynamic projection: a softmax over the tokens that makes the landmarks, not attention
+    softmaxes = [n for n in fused.graph.node if n.op_type == "Softmax"]
+    assert len(softmaxes) == (module.config.num_layers if name == "transformer-ls" else 0)
+    runner = OnnxRuntimeRunner(fused, "fused")
+    with torch.no_grad():
+        for feeds in inputs:
+            got = next(iter(runner.run({k: v.numpy() for k, v in feeds.items()}).values()))
+            np.testing.assert_allclose(got, module(*feeds.values()).numpy(), atol=1e-4, rtol=1e-3)

@@ -61,25 +61,31 @@ def fuse_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
     topological_sort(fused.graph)
     index = GraphIndex(fused)
     probe = Probe(fused)
-    report, matches, claimed = FusionReport(), [], set()
-    anchors = set()
+    matches, claimed, explained, final = [], set(), set(), set()
+    results: dict[int, LayerResult] = {}  # per anchor, in the order first seen
     for _family, module in FAMILY_PASSES:
         for candidate in module.candidates(index, probe):
             anchor = _anchor(candidate)
-            if id(anchor) in anchors or id(anchor) in claimed:
-                continue  # an earlier family's candidate, or inside a layer fused already
-            anchors.add(id(anchor))
-            name = _unique(layer_name(anchor), report)
+            earlier = results.get(id(anchor))
+            if (earlier and earlier.status == "fused") or id(anchor) in claimed or id(anchor) in final:
+                continue  # fused by an earlier family, refused for good, or inside a layer fused already
+            # a later family may still fuse what an earlier one could not; if none can, the first reason stands
+            name = earlier.name if earlier else _unique(layer_name(anchor), results.values())
             try:
                 m = module.match(index, probe, candidate, name)
                 if any(id(n) in claimed for n in m.nodes):
                     raise NotFused("overlaps a layer fused already")
             except NotFused as e:
-                report.layers.append(LayerResult(name, module.OP.op_type, "not fused", str(e)))
+                results.setdefault(id(anchor), LayerResult(name, module.OP.op_type, "not fused", str(e)))
+                if e.final:
+                    final.add(id(anchor))
                 continue
             claimed.update(id(n) for n in m.nodes)
+            explained.update(id(n) for n in m.kept)
             matches.append(m)
-            report.layers.append(LayerResult(name, module.OP.op_type, "fused", "", dict(m.attrs)))
+            attrs = m.contract.resolve_attrs(m.attrs)
+            results[id(anchor)] = LayerResult(name, m.contract.op_type, "fused", "", attrs)
+    report, anchors = FusionReport(list(results.values())), set(results)
     # softmax attention no pass claimed: report it so nothing falls back silently
     for softmax in softmax_nodes(index):
         if id(softmax) in claimed or id(softmax) in anchors:
@@ -88,8 +94,8 @@ def fuse_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
         reason = core if isinstance(core, str) else "dense softmax attention: no fusion pass for this family yet"
         if core in (NO_SCORE_PRODUCT, NO_VALUE_PRODUCT):
             continue  # a softmax that is not attention (a classifier head, a gate)
-        report.layers.append(LayerResult(_unique(layer_name(softmax), report), "", "not fused", reason))
-    _report_leftovers(index, probe, claimed, report)
+        report.layers.append(LayerResult(_unique(layer_name(softmax), report.layers), "", "not fused", reason))
+    _report_leftovers(index, probe, claimed | explained, report)
     replace_all(fused, matches, index.static)
     remove_dead_nodes(fused.graph)  # first: shape nodes that read the removed tensors go with them
     topological_sort(fused.graph)
@@ -98,9 +104,9 @@ def fuse_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
 
 def _report_leftovers(index: GraphIndex, probe: Probe, claimed: set[int], report: FusionReport) -> None:
     """The safety net for mechanisms without a softmax (FLASH's relu^2, linear attention, MoE dispatch, S4): a
-    product of two data tensors, or a convolution with a long kernel, that no pass claimed is reported per layer, so
-    `--strict` cannot pass over it."""
-    reported = {layer.name.split("#")[0] for layer in report.layers}
+    product of two data tensors, or a convolution with a long kernel, that no pass claimed is reported per layer (a
+    second row when the layer has a fused part too), so `--strict` cannot pass over it."""
+    reported = set()
     explained = set(claimed) | _softmax_products(index)  # already reported with their softmax
     for node in index.nodes:
         if id(node) in explained:
@@ -114,7 +120,7 @@ def _report_leftovers(index: GraphIndex, probe: Probe, claimed: set[int], report
         name = layer_name(node)
         if name not in reported:
             reported.add(name)
-            report.layers.append(LayerResult(name, "", "not fused", reason))
+            report.layers.append(LayerResult(_unique(name, report.layers), "", "not fused", reason))
 
 
 def _softmax_products(index: GraphIndex, depth: int = 6) -> set[int]:
@@ -134,8 +140,8 @@ def _anchor(candidate) -> onnx.NodeProto:
     return candidate.softmax if hasattr(candidate, "softmax") else candidate[0]
 
 
-def _unique(name: str, report: FusionReport) -> str:
-    taken = {layer.name for layer in report.layers}
+def _unique(name: str, layers) -> str:
+    taken = {layer.name for layer in layers}
     if name not in taken:
         return name
     i = 2

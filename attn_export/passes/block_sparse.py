@@ -18,19 +18,26 @@ OP = BLOCK_SPARSE_ATTENTION
 
 
 def candidates(index: GraphIndex, probe: Probe):
-    """Softmax cores whose keys reach the layer through a gather with static indices."""
+    """Softmax cores whose keys reach the layer through a gather with static indices, or whose blocked queries
+    ([B, H, blocks, b, D]) meet keys gathered with data-dependent indices (reported: the layout is not constant)."""
     for softmax in softmax_nodes(index):
         core = find_core(index, probe, softmax)
         if isinstance(core, str):
             continue
-        _, _, passed = walk_to_boundary(index, probe, core.kt_side, through=GATHER_OPS)
+        k, _, passed = walk_to_boundary(index, probe, core.kt_side, through=GATHER_OPS)
         if any(op.startswith("Gather") for op in passed):
+            yield core
+        elif _data_indexed_gather(index, k) is not None and len(probe.shape(core.q_side) or ()) == 5:
             yield core
 
 
 def match(index: GraphIndex, probe: Probe, core: SoftmaxCore, name: str) -> Match:
     q, q_factor, _ = walk_to_boundary(index, probe, core.q_side)
     k, k_factor, _ = walk_to_boundary(index, probe, core.kt_side, through=GATHER_OPS)
+    gather = _data_indexed_gather(index, k)
+    if gather is not None:
+        raise NotFused(f"the block layout is not constant: key blocks are gathered ({gather.op_type} '{gather.name}') "
+                       "with indices computed from the input data", final=True)
     for t in (q, k):
         if t in index.static:
             raise NotFused("query or key is a constant")
@@ -75,6 +82,14 @@ def match(index: GraphIndex, probe: Probe, core: SoftmaxCore, name: str) -> Matc
     else:
         new_inits.append(constant(table_name, tables[0]))
     return Match(OP, name, [q, k, v, table_name], output, attrs, nodes, new_inits, new_nodes)
+
+
+def _data_indexed_gather(index: GraphIndex, tensor: str) -> onnx.NodeProto | None:
+    """The gather producing `tensor` when its indices are data-dependent (not a constant layout), else None."""
+    node = index.producer.get(tensor)
+    if node is not None and node.op_type.startswith("Gather") and not all(index.is_static(i) for i in node.input[1:]):
+        return node
+    return None
 
 
 def _single_value_input(index, probe, outside: list[str]) -> str:

@@ -1,12 +1,15 @@
 """Fuse softmax attention written any standard way into DenseAttention.
 
-Pattern: MatMul(q, k^T) -> score chain -> Softmax(last axis) -> [NaN guard] -> MatMul(p, v), where the score chain
-is made of scalings (Mul/Div by a constant scalar), additive terms (Add/Sub of a bias or mask) and masks
-(Where(cond, scores, fill)), in any order; the scale may also sit on q and k (decomposed SDPA). Such a chain is
-affine in the scores: chain(x) = c * x + chain(0). So the fused node gets scale c and, as its bias, the same chain
-applied to a zero score, kept in the graph (static masks stay static; a mask or bias computed from other tensors
-keeps reading them). Whether the result equals the graph is then checked numerically, as for every pass.
+Pattern: MatMul(q, k^T) -> score chain (score_chain.py: affine, c * x + bias) -> Softmax(last axis) -> [NaN guard]
+-> MatMul(p, v); the scale may also sit on q and k (decomposed SDPA). Relu then square in place of the softmax is
+FLASH's relu^2 attention (score_fn relu_squared). Per-head tensors with extra chunk axes run per chunk
+(chunk_layout.py); one softmax over concatenated score blocks is attention over the concatenated keys
+(concatenated_keys.py). Whether the result equals the graph is then checked numerically, as for every pass.
 At a fixed length, a constant mask made of whole 0 / -inf tiles becomes BlockSparseAttention with that layout.
+
+When the complete logits are materialised on purpose (another op reads them, as Evolving Attention hands each
+layer's map to the next) or are not affine in one QK^T product (the evolved map's convolution), only softmax and
+the value product are fused: the K1-m form, logits_input=1, the logits as the bias.
 """
 from __future__ import annotations
 
@@ -15,79 +18,40 @@ import onnx
 from onnx import helper
 
 from ..ops import BLOCK_SPARSE_ATTENTION, DENSE_ATTENTION
-from .framework import (Match, NotFused, check_no_escape, constant, has_dynamic_shapes, keep_shared_layouts, region,
-                        run_nodes, scalar_value, unsqueeze_to_rank4, verify_numerically, walk_to_boundary)
+from . import concatenated_keys
+from .chunk_layout import ChunkLayout
+from .framework import (Match, NotFused, check_no_escape, constant, escaping_tensor, has_dynamic_shapes,
+                        keep_shared_layouts, region, untransposed, verify_numerically, walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
+from .score_chain import ScoreChain, chain_bias, is_qk_product, score_chain
 from .softmax_core import GUARD_OPS, softmax_axis_is_last, softmax_nodes
 
 OP = DENSE_ATTENTION
-CHAIN_OPS = {"Mul", "Div", "Add", "Sub", "Where", "Cast"}
 
 
-class ScoreChain:
-    """The nodes between the QK product and the softmax, from the product down, and where the scores enter each."""
-
-    def __init__(self, qk: onnx.NodeProto, steps: list[tuple[onnx.NodeProto, int]], scale: float):
-        self.qk, self.steps, self.scale = qk, steps, scale
-
-    def side_inputs(self, index: GraphIndex) -> list[str]:
-        """Data-dependent tensors the chain reads besides the scores (a mask or bias computed elsewhere)."""
-        return [t for node, slot in self.steps for i, t in enumerate(node.input)
-                if i != slot and t and not index.is_static(t)]
-
-    @property
-    def has_bias(self) -> bool:
-        return any(node.op_type in ("Add", "Sub", "Where") for node, _ in self.steps)
+def relu_squared_nodes(index: GraphIndex) -> list[onnx.NodeProto]:
+    """Relu nodes whose output is squared (Mul(x, x) or Pow(x, 2)): FLASH's relu^2 attention weights."""
+    return [n for n in index.nodes if n.op_type == "Relu" and _square_of(index, n.output[0]) is not None]
 
 
-def _is_qk_product(index: GraphIndex, node: onnx.NodeProto | None) -> bool:
-    return node is not None and node.op_type == "MatMul" and len(index.dynamic_inputs(node)) == 2
+def _square_of(index: GraphIndex, tensor: str) -> str | None:
+    for user in index.consumers.get(tensor, []):
+        if user.op_type == "Mul" and list(user.input) == [tensor, tensor]:
+            return user.output[0]
+        if user.op_type == "Pow" and user.input[0] == tensor and index.is_static(user.input[1]):
+            return user.output[0]  # the exponent is checked numerically with the rest
+    return None
 
 
-def _reaches_qk(index: GraphIndex, tensor: str, depth: int = 12) -> bool:
-    node = index.producer.get(tensor)
-    if _is_qk_product(index, node):
-        return True
-    if node is None or depth == 0 or node.op_type not in CHAIN_OPS:
-        return False
-    return any(_reaches_qk(index, i, depth - 1) for i in index.dynamic_inputs(node))
-
-
-def score_chain(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto) -> ScoreChain | str:
-    """The chain feeding `softmax`, or why it is not an affine function of one QK^T product."""
-    steps, scale, tensor = [], 1.0, softmax.input[0]
-    while True:
-        node = index.producer.get(tensor)
-        if node is None:
-            return "no QK^T product feeds the softmax"
-        if _is_qk_product(index, node):
-            break
-        if node.op_type not in CHAIN_OPS:
-            return f"unexpected {node.op_type} between QK^T and softmax"
-        carriers = [i for i, t in enumerate(node.input) if t and not index.is_static(t) and _reaches_qk(index, t)]
-        if len(carriers) != 1:
-            return f"{node.op_type} between QK^T and softmax combines the scores with themselves (not affine)"
-        slot = carriers[0]
-        if node.op_type in ("Mul", "Div"):
-            other = node.input[1 - slot]
-            value = scalar_value(index, probe, other)
-            if value is None or value == 0 or (node.op_type == "Div" and slot != 0):
-                return f"scores are scaled by a non-constant or per-element tensor ({node.op_type} '{node.name}')"
-            scale *= value if node.op_type == "Mul" else 1.0 / value
-        elif node.op_type == "Sub" and slot != 0:
-            return "scores are subtracted from another tensor"
-        elif node.op_type == "Where" and slot == 0:
-            return "the scores are a Where condition"
-        steps.append((node, slot))
-        tensor = node.input[slot]
-    steps.reverse()
-    return ScoreChain(node, steps, scale)
+def weights_output(index: GraphIndex, anchor: onnx.NodeProto) -> str:
+    """The attention weights an anchor makes: the softmax output, or the square of the relu."""
+    return anchor.output[0] if anchor.op_type == "Softmax" else _square_of(index, anchor.output[0])
 
 
 def value_product(index: GraphIndex, softmax: onnx.NodeProto) -> onnx.NodeProto | None:
-    """MatMul(p, v) reading the softmax output, possibly through the NaN guard of fully masked rows."""
-    frontier = [softmax.output[0]]
+    """MatMul(p, v) reading the weights (softmax or relu^2), possibly through the NaN guard of fully masked rows."""
+    frontier = [weights_output(index, softmax)]
     for _ in range(4):
         nxt = []
         for t in frontier:
@@ -102,14 +66,25 @@ def value_product(index: GraphIndex, softmax: onnx.NodeProto) -> onnx.NodeProto 
 
 def candidates(index: GraphIndex, probe: Probe):
     for softmax in softmax_nodes(index):
-        if softmax_axis_is_last(softmax, probe) and value_product(index, softmax) is not None:
-            if not isinstance(score_chain(index, probe, softmax), str):
-                yield softmax
+        if softmax_axis_is_last(softmax, probe) and (value_product(index, softmax) is not None
+                                                     or concatenated_keys.is_concatenated(index, probe, softmax)):
+            yield softmax
+    for relu in relu_squared_nodes(index):
+        if value_product(index, relu) is not None and not isinstance(score_chain(index, probe, relu.input[0]), str):
+            yield relu
 
 
-def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -> Match:
-    chain = score_chain(index, probe, softmax)
-    pv = value_product(index, softmax)
+def match(index: GraphIndex, probe: Probe, anchor: onnx.NodeProto, name: str) -> Match:
+    """`anchor`: the Softmax, or the Relu of relu^2 weights."""
+    if value_product(index, anchor) is None:
+        return concatenated_keys.match(index, probe, anchor, name)
+    chain = score_chain(index, probe, anchor.input[0])
+    if isinstance(chain, str):
+        return _match_logits(index, probe, anchor, name, f"{chain}, and as materialised logits: ")
+    pv = value_product(index, anchor)
+    layout = ChunkLayout.of(probe, chain.qk.input[0])
+    if layout.rank != 4 or layout.head != 1 or anchor.op_type != "Softmax":
+        return _match_per_chunk(index, probe, anchor, chain, pv, layout, name)
     q, q_factor, _ = walk_to_boundary(index, probe, chain.qk.input[0])
     k, k_factor, _ = walk_to_boundary(index, probe, chain.qk.input[1])
     v, _, _ = walk_to_boundary(index, probe, pv.input[1])
@@ -125,27 +100,23 @@ def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -
     new_nodes = [n for layout in layouts for n in layout[2]]
     new_inits = [t for layout in layouts for t in layout[3]]
 
-    output = _merged_output(index, probe, pv.output[0], (batch, q_len, heads * v_head_dim))
-    op_output, expected = output, output
-    if output is None:  # the heads are not merged right away (e.g. a guard on the per-head output)
-        output, op_output = pv.output[0], f"{name}/output"
-        new_nodes += _split_heads_nodes(op_output, output, heads, name)
-        new_inits.append(constant(f"{name}/split_shape", np.array([0, 0, heads, -1], np.int64)))
-
-        def expected(run):
-            x = probe.runs[run][pv.output[0]]
-            return x.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], -1)
+    output, op_output, expected, out_nodes, out_inits = _output_side(index, probe, pv, heads, name)
+    new_nodes, new_inits = new_nodes + out_nodes, new_inits + out_inits
     sides = chain.side_inputs(index)
     nodes, outside = region(index, [q, k, v, *sides], output)
     if outside:
         raise NotFused(f"the attention also reads data-dependent tensor '{outside[0]}'")
     nodes = keep_shared_layouts(index, nodes, [chain.qk.input[0], chain.qk.input[1], pv.input[1]])
+    leak = escaping_tensor(index, nodes, output)
+    if leak and leak[0] in {chain.qk.output[0], *(node.output[0] for node, _ in chain.steps)}:
+        # the scores are materialised for another reader: fuse the softmax and PV over them
+        return _match_logits(index, probe, anchor, name, "")
     check_no_escape(index, nodes, output)
 
     attrs = {"num_heads": heads, "scale": chain.scale * q_factor * k_factor, "causal": 0}
     bias_nodes, bias, bias_inits, bias_values = [], None, [], []
     if chain.has_bias:
-        bias_nodes, bias, bias_inits, bias_values = _bias_nodes(index, probe, chain, name)
+        bias_nodes, bias, bias_inits, bias_values = chain_bias(index, probe, chain, name)
     new_names = {t.name for t in bias_inits}
     static_bias = bias and all(index.is_static(t) or t in new_names for t in _read_tensors(bias_nodes))
     if static_bias and not has_dynamic_shapes(index.model) and not new_nodes:
@@ -158,6 +129,85 @@ def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -
         raise NotFused(f"the op's reference does not reproduce the graph: {why}")
     return Match(OP, name, op_inputs + ([bias] if bias else []), op_output, attrs, nodes, new_inits + bias_inits,
                  new_nodes + bias_nodes)
+
+
+def _match_per_chunk(index: GraphIndex, probe: Probe, anchor: onnx.NodeProto, chain: ScoreChain,
+                     pv: onnx.NodeProto, layout: ChunkLayout, name: str) -> Match:
+    """Attention on per-head tensors with extra leading axes (chunks), or relu^2 weights: the op reads the per-head
+    q, k, v themselves, chunks folded into its batch, and the graph's per-head output is rebuilt from its output."""
+    q, kt, v = chain.qk.input[0], chain.qk.input[1], pv.input[1]
+    k, k_transposed = untransposed(index, probe, kt)
+    layouts = [layout.into_op(probe, q, f"{name}/query"),
+               layout.into_op(probe, k, f"{name}/key", transposed=k_transposed),
+               layout.into_op(probe, v, f"{name}/value")]
+    op_output, output = f"{name}/output", pv.output[0]
+    expected, new_nodes, new_inits = layout.out_of_op(probe, op_output, output, like=q, name=name)
+    for _, _, nodes, inits in layouts:
+        new_nodes, new_inits = nodes + new_nodes, inits + new_inits
+    nodes, outside = region(index, [q, k, v, *chain.side_inputs(index)], output)
+    if outside:
+        raise NotFused(f"the attention also reads data-dependent tensor '{outside[0]}'")
+    check_no_escape(index, nodes, output)
+
+    score_fn = "softmax" if anchor.op_type == "Softmax" else "relu_squared"
+    attrs = {"num_heads": layout.heads, "scale": chain.scale, "causal": 0, "score_fn": score_fn}
+    inputs, values = [t[0] for t in layouts], [t[1] for t in layouts]
+    if chain.has_bias:
+        bias_nodes, bias, bias_inits, bias_values = chain_bias(index, probe, chain, name, rank4=False)
+        bias, bias_value, more_nodes, more_inits = layout.bias_into_op(probe, bias, bias_values, like=q, name=name)
+        inputs, values = inputs + [bias], values + [bias_value]
+        new_nodes, new_inits = new_nodes + bias_nodes + more_nodes, new_inits + bias_inits + more_inits
+    why = verify_numerically(OP, probe, values, expected, attrs)
+    if why:
+        raise NotFused(f"the op's reference does not reproduce the graph: {why}")
+    return Match(OP, name, inputs, op_output, attrs, nodes, new_inits, new_nodes)
+
+
+def _output_side(index: GraphIndex, probe: Probe, pv: onnx.NodeProto, heads: int, name: str):
+    """Where the fused node's [B, Nq, H*Dv] output goes: the first merged-heads tensor after PV, or, when the heads
+    are not merged right away (e.g. a guard on the per-head output), PV's own output through a new split.
+    Returns (graph output, op output, expected value (name or run -> array), new nodes, new initializers)."""
+    batch, _, q_len, v_head_dim = probe.shape(pv.output[0])
+    output = _merged_output(index, probe, pv.output[0], (batch, q_len, heads * v_head_dim))
+    if output is not None:
+        return output, output, output, [], []
+    op_output = f"{name}/output"
+
+    def expected(run):
+        x = probe.runs[run][pv.output[0]]
+        return x.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], -1)
+    return (pv.output[0], op_output, expected, _split_heads_nodes(op_output, pv.output[0], heads, name),
+            [constant(f"{name}/split_shape", np.array([0, 0, heads, -1], np.int64))])
+
+
+def _match_logits(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str, prefix: str) -> Match:
+    """The K1-m form: DenseAttention(logits_input=1) over the materialised logits, the value product fused."""
+    def refuse(why: str):
+        raise NotFused(prefix + why)
+
+    logits, pv = softmax.input[0], value_product(index, softmax)
+    shape, per_head_v = probe.shape(logits), probe.shape(pv.input[1])
+    if shape is None or len(shape) != 4 or per_head_v is None or len(per_head_v) != 4:
+        refuse(f"the logits {shape} and values {per_head_v} are not [B, H, Nq, Nk] and [B, H, Nk, Dv]")
+    batch, heads, _, v_head_dim = per_head_v
+    if shape[2] != shape[3] or shape[3] != per_head_v[2] or shape[1] not in (1, heads):
+        refuse(f"the logits {shape} are not [B, H, N, N] for values {per_head_v}")
+    v, _, _ = walk_to_boundary(index, probe, pv.input[1])
+    v_op, v_value, new_nodes, new_inits = _op_layout(probe, v, batch, heads, v_head_dim, "value", name)
+    output, op_output, expected, out_nodes, out_inits = _output_side(index, probe, pv, heads, name)
+    nodes, outside = region(index, [v, logits], output)
+    if outside:
+        refuse(f"the attention also reads data-dependent tensor '{outside[0]}'")
+    nodes = keep_shared_layouts(index, nodes, [pv.input[1]])
+    check_no_escape(index, nodes, output)
+    attrs = {"num_heads": heads, "scale": 0.0, "causal": 0, "logits_input": 1}
+    # the op reads only the shape of query and key (Nq = Nk here): the value stands in for both
+    why = verify_numerically(OP, probe, [v_value, v_value, v_value, logits], expected, attrs)
+    if why:
+        refuse(f"the op's reference does not reproduce the graph: {why}")
+    products = [n for n in index.ancestors(logits, stop={v})[:40] if is_qk_product(index, n)]
+    return Match(OP, name, [v_op, v_op, v_op, logits], op_output, attrs, nodes, new_inits + out_inits,
+                 new_nodes + out_nodes, kept=products)
 
 
 def _split_heads_nodes(op_output: str, per_head: str, heads: int, name: str) -> list:
@@ -234,26 +284,3 @@ def _merged_output(index: GraphIndex, probe: Probe, start: str, shape: tuple, li
             return None
         tensor = users[0].output[0]
     return None
-
-
-def _bias_nodes(index: GraphIndex, probe: Probe, chain: ScoreChain, name: str):
-    """The score chain copied onto a zero score: chain(0), made rank 4 ([B or 1, H or 1, Nq, Nk]).
-    Returns the nodes, the bias tensor, new constants and the bias value at every probe."""
-    dtype = np.asarray(probe.runs[0][chain.qk.output[0]]).dtype
-    zero = f"{name}/zero_scores"
-    inits = [constant(zero, np.zeros((), dtype))]
-    nodes, renamed = [], {chain.qk.output[0]: zero}
-    for node, _ in chain.steps:
-        copy = helper.make_node(node.op_type, [renamed.get(i, i) for i in node.input],
-                                [f"{name}/bias/{o}" for o in node.output], name=f"{name}/bias/{node.name}")
-        copy.attribute.extend(node.attribute)
-        renamed.update(zip(node.output, copy.output))
-        nodes.append(copy)
-    bias = nodes[-1].output[0]
-    values = [run_nodes(nodes, bias, values, index.model.opset_import, inits) for values in probe.runs]
-    rank = np.ndim(values[0])
-    if rank > 4:
-        raise NotFused(f"the score bias has rank {rank}, more than [B, H, Nq, Nk]")
-    rank4_nodes, rank4_inits, bias = unsqueeze_to_rank4(bias, rank, name)
-    values = [v.reshape((1,) * (4 - rank) + v.shape) for v in values]
-    return nodes + rank4_nodes, bias, inits + rank4_inits, values

@@ -1,17 +1,24 @@
-"""Fuse kernelized linear attention with positive random features (Performer FAVOR+) into KernelizedAttention.
+"""Fuse kernelized linear attention into KernelizedAttention.
 
-Anchor: a product of (scaled) queries or keys with a constant [D, M] feature matrix that feeds an Exp. The two
-such products of one layer (queries and keys, same matrix) bound the layer; causal or not, normalised or not and
-the stabiliser are settled by the numerical check against the op's reference."""
+Positive random features (Performer FAVOR+). Anchor: a product of (scaled) queries or keys with a constant [D, M]
+feature matrix that feeds an Exp. The two such products of one layer (queries and keys, same matrix) bound the
+layer; causal or not, normalised or not and the stabiliser are settled by the numerical check against the op's
+reference.
+
+Identity features, no denominator (FLASH's global part): Q (K^T V), anchored on the outer product. Queries or keys
+made by an Exp are a feature map this form does not cover (a FAVOR+ layer the first form refused), so they are
+left alone."""
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple
 
 import numpy as np
 
 from ..ops import LINEAR_ATTENTION
+from .chunk_layout import ChunkLayout
 from .framework import (GATHER_OPS, Match, NotFused, check_no_escape, constant, find_output, region, scalar_value,
-                        verify_numerically, walk_to_boundary)
+                        untransposed, verify_numerically, walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
 
@@ -41,8 +48,32 @@ def feature_products(index: GraphIndex, probe: Probe):
     return found
 
 
+class StateProduct(NamedTuple):
+    """outer = MatMul(q, inner), inner = MatMul(k^T, v): linear attention with identity features."""
+    outer: object
+    inner: object
+
+
+def state_products(index: GraphIndex) -> list[StateProduct]:
+    found = []
+    for outer in index.nodes:
+        inner = index.producer.get(outer.input[1]) if outer.op_type == "MatMul" else None
+        if inner is None or inner.op_type != "MatMul":
+            continue
+        if len(index.dynamic_inputs(outer)) == 2 and len(index.dynamic_inputs(inner)) == 2 and not any(
+                n.op_type == "Exp" for t in (outer.input[0], inner.input[0]) for n in index.ancestors(t, set())[:8]):
+            found.append(StateProduct(outer, inner))
+    return found
+
+
 def candidates(index: GraphIndex, probe: Probe):
-    """Pairs of feature products sharing one feature matrix (by value), in graph order."""
+    """Pairs of feature products sharing one feature matrix (by value), in graph order; then identity-feature state
+    products."""
+    yield from _favor_candidates(index, probe)
+    yield from state_products(index)
+
+
+def _favor_candidates(index: GraphIndex, probe: Probe):
     products = feature_products(index, probe)
     used = set()
     for a, b in itertools.combinations(products, 2):
@@ -54,9 +85,11 @@ def candidates(index: GraphIndex, probe: Probe):
             yield (a, b)
 
 
-def match(index: GraphIndex, probe: Probe, pair, name: str) -> Match:
-    a, b = pair
-    (qa, fa, _), (qb, fb, _) = (walk_to_boundary(index, probe, n.input[0]) for n in pair)
+def match(index: GraphIndex, probe: Probe, candidate, name: str) -> Match:
+    if isinstance(candidate, StateProduct):
+        return _match_identity(index, probe, candidate, name)
+    a, b = candidate
+    (qa, fa, _), (qb, fb, _) = (walk_to_boundary(index, probe, n.input[0]) for n in candidate)
     if qa == qb:
         raise NotFused("queries and keys are the same tensor")
     x_shape = probe.shape(a.input[0])
@@ -96,3 +129,25 @@ def match(index: GraphIndex, probe: Probe, pair, name: str) -> Match:
                 init = constant(f"{name}/projection", projection)
                 return Match(OP, name, [q, k, v, init.name], output, attrs, nodes, [init])
     raise NotFused(f"the op's reference does not reproduce the graph: {why}")
+
+
+def _match_identity(index: GraphIndex, probe: Probe, product: StateProduct, name: str) -> Match:
+    q, (kt, v), output = product.outer.input[0], product.inner.input, product.outer.output[0]
+    k, k_transposed = untransposed(index, probe, kt)
+    layout = ChunkLayout.of(probe, q)
+    layouts = [layout.into_op(probe, q, f"{name}/query"),
+               layout.into_op(probe, k, f"{name}/key", transposed=k_transposed),
+               layout.into_op(probe, v, f"{name}/value")]
+    op_output = f"{name}/output"
+    expected, new_nodes, new_inits = layout.out_of_op(probe, op_output, output, like=q, name=name)
+    for _, _, nodes, inits in layouts:
+        new_nodes, new_inits = nodes + new_nodes, inits + new_inits
+    nodes, outside = region(index, [q, k, v], output)
+    if outside:
+        raise NotFused(f"the attention also reads data-dependent tensor '{outside[0]}'")
+    check_no_escape(index, nodes, output)
+    attrs = {"num_heads": layout.heads, "feature_map": "identity", "causal": 0, "normalize": 0}
+    why = verify_numerically(OP, probe, [t[1] for t in layouts], expected, attrs)
+    if why:
+        raise NotFused(f"the op's reference does not reproduce the graph: {why}")
+    return Match(OP, name, [t[0] for t in layouts], op_output, attrs, nodes, new_inits, new_nodes)

@@ -88,6 +88,14 @@ class Probe:
             reason = str(e).splitlines()[0]
             raise UserError(f"cannot run the graph on onnxruntime to verify fusions: {reason}") from None
 
+    def evaluate(self, nodes: list, outputs: list[str], opset_imports, initializers=()) -> None:
+        """Run new nodes (a pass's rewrite) on every probe and keep their `outputs` like the graph's own tensors."""
+        from .framework import run_nodes
+
+        for values in self.runs:
+            for name in outputs:
+                values[name] = run_nodes(nodes, name, values, opset_imports, initializers)
+
     def shape(self, name: str, run: int = 0) -> tuple | None:
         value = self.runs[run].get(name)
         return None if value is None else tuple(np.shape(value))

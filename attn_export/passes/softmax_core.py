@@ -48,14 +48,14 @@ def softmax_axis_is_last(node: onnx.NodeProto, probe: Probe) -> bool:
 
 def find_core(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto) -> SoftmaxCore | str:
     """The core around a Softmax node, or a string saying why this Softmax is not one."""
-    if not softmax_axis_is_last(softmax, probe):
-        return "softmax is not over the last (key) axis"
     scale, masked, tensor = 1.0, False, softmax.input[0]
     while True:
         node = index.producer.get(tensor)
         if node is None:
             return NO_SCORE_PRODUCT
         if node.op_type == "MatMul":
+            if len(index.dynamic_inputs(node)) != 2:  # a projection of one tensor (a gate, a router): no QK^T
+                return NO_SCORE_PRODUCT
             break
         if node.op_type not in SCORE_OPS:
             return f"unexpected {node.op_type} between QK^T and softmax"
@@ -76,6 +76,8 @@ def find_core(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto) -> Softm
             masked = True
         tensor = dynamic[0]
     qk = node
+    if not softmax_axis_is_last(softmax, probe):
+        return "softmax is not over the last (key) axis"
     probs, pv = softmax.output[0], None
     frontier = [probs]
     for _ in range(4):  # follow the NaN guard of fully masked rows to the product with V

@@ -1,0 +1,163 @@
+"""Per-chunk attention: lay out per-head tensors with extra leading axes for an op that reads [B', N, H*D].
+
+Local attention is often written on chunks: queries [B, H, G, C, D] (SPADE's blocks, Transformer-LS's segments) or
+[B, G, C, D] (FLASH's single-head groups), each chunk attending to its own gathered keys. Such a layer is dense
+attention run per chunk: the chunk axis joins the batch, B' = B * G. This module finds which axes are batch and
+which is the head axis, and writes the Transpose + Reshape nodes into and out of the op.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import helper
+
+from .framework import NotFused, constant, unsqueeze_to_rank4
+from .probe import Probe
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Axes of a per-head tensor [..., rows, features]: `batch` axes fold into B', `head` (or None) is H."""
+    rank: int
+    batch: tuple[int, ...]
+    head: int | None
+    heads: int
+
+    @staticmethod
+    def of(probe: Probe, per_head: str) -> ChunkLayout:
+        """[B, H, N, D]: head axis 1. [B, H, G, C, D]: head axis 1, batch (0, 2). [B, G, C, D] whose axis 1 changes
+        with the input's length: no head axis, batch (0, 1). [B, N, D]: one head."""
+        shapes = [probe.shape(per_head, run) for run in range(len(probe.runs))]
+        rank = len(shapes[0] or ())
+        if rank == 3:
+            return ChunkLayout(3, (0,), None, 1)
+        if rank == 4:  # [B, H, N, D], unless axis 1 follows the input's length
+            return ChunkLayout(4, (0,), 1, shapes[0][1]) if len({s[1] for s in shapes}) == 1 else \
+                ChunkLayout(4, (0, 1), None, 1)
+        if rank == 5:
+            return ChunkLayout(5, (0, 2), 1, shapes[0][1])
+        raise NotFused(f"per-head tensor {shapes[0]} is neither [B, H, N, D] nor chunked [B, H, G, C, D]")
+
+    def _perm(self, rows: int, features: int) -> list[int]:
+        return [*self.batch, rows, *([self.head] if self.head is not None else []), features]
+
+    def into_op(self, probe: Probe, tensor: str, name: str, transposed: bool = False):
+        """Nodes taking `tensor` ([..., rows, D], or [..., D, rows] when `transposed`) to [B', rows, H*D].
+        Returns (op input name, value per run, new nodes, new initializers)."""
+        rows, features = (self.rank - 1, self.rank - 2) if transposed else (self.rank - 2, self.rank - 1)
+        if self.rank == 3 and not transposed:  # [B, N, D] is already the op's layout
+            return tensor, tensor, [], []
+        shape = probe.shape(tensor)
+        if self.head is not None and shape[self.head] != self.heads:
+            raise NotFused(f"{name.rsplit('/', 1)[-1]} {shape} has {shape[self.head]} heads, the query {self.heads}")
+        n_rows = {probe.shape(tensor, run)[rows] for run in range(len(probe.runs))}
+        if len(n_rows) != 1:
+            raise NotFused(f"chunk length of {tensor} changes with the input ({sorted(n_rows)})")
+        perm = self._perm(rows, features)
+        target = np.array([-1, n_rows.pop(), self.heads * shape[features]], np.int64)
+        nodes = [helper.make_node("Transpose", [tensor], [f"{name}_t"], perm=perm, name=f"{name}_transpose"),
+                 helper.make_node("Reshape", [f"{name}_t", f"{name}_shape"], [name], name=f"{name}_merge")]
+
+        def value(run):
+            return probe.runs[run][tensor].transpose(perm).reshape(target)
+        return name, value, nodes, [constant(f"{name}_shape", target)]
+
+    def concatenated_into_op(self, probe: Probe, parts: list[str], like: str, name: str):
+        """Per-head [.., rows_i, D] tensors joined on the row axis, straight into the op's [B', sum rows_i, H*D]: each
+        part is transposed first and expanded to the batch axes of `like` (a set shared by every chunk has 1 there),
+        so the joined tensor is written once, already in the op's layout.
+        Returns (op input name, value per run, new nodes, new initializers)."""
+        rows, features = self.rank - 2, self.rank - 1
+        perm = self._perm(rows, features)
+        nodes = [helper.make_node("Shape", [like], [f"{name}_like"], name=f"{name}_like"),
+                 helper.make_node("Gather", [f"{name}_like", f"{name}_batch_axes"], [f"{name}_batch"], axis=0,
+                                  name=f"{name}_batch")]
+        inits = [constant(f"{name}_batch_axes", np.array(self.batch, np.int64))]
+        joined, total_rows = [], 0
+        for i, part in enumerate(parts):
+            shape = probe.shape(part)
+            if self.head is not None and shape[self.head] != self.heads:
+                raise NotFused(f"{part} {shape} has {shape[self.head]} heads, the query {self.heads}")
+            tail = [shape[rows], *([self.heads] if self.head is not None else []), shape[features]]
+            total_rows += shape[rows]
+            nodes += [helper.make_node("Transpose", [part], [f"{name}{i}_t"], perm=perm, name=f"{name}{i}_transpose"),
+                      helper.make_node("Concat", [f"{name}_batch", f"{name}{i}_tail"], [f"{name}{i}_target"], axis=0,
+                                       name=f"{name}{i}_target"),
+                      helper.make_node("Expand", [f"{name}{i}_t", f"{name}{i}_target"], [f"{name}{i}"],
+                                       name=f"{name}{i}_expand")]
+            inits.append(constant(f"{name}{i}_tail", np.array(tail, np.int64)))
+            joined.append(f"{name}{i}")
+        width = self.heads * probe.shape(parts[0])[features]
+        nodes += [helper.make_node("Concat", joined, [f"{name}_joined"], axis=len(self.batch), name=f"{name}_concat"),
+                  helper.make_node("Reshape", [f"{name}_joined", f"{name}_shape"], [name], name=f"{name}_merge")]
+        inits.append(constant(f"{name}_shape", np.array([-1, total_rows, width], np.int64)))
+        return name, name, nodes, inits
+
+    def out_of_op(self, probe: Probe, op_output: str, per_head_output: str, like: str, name: str):
+        """Nodes taking the op's [B', rows, H*Dv] back to the graph's per-head `per_head_output`; the batch axes'
+        sizes are read from `like`, a per-head tensor of the same chunking that stays in the graph.
+        Returns (expected op output per run, new nodes, new initializers)."""
+        out_shape = probe.shape(per_head_output)
+        rows, features = self.rank - 2, self.rank - 1
+        if self.rank == 3:
+            return per_head_output, [helper.make_node("Identity", [op_output], [per_head_output],
+                                                      name=f"{name}/output")], []
+        perm = self._perm(rows, features)
+        tail = [out_shape[rows], *([self.heads] if self.head is not None else []), out_shape[features]]
+        nodes = [helper.make_node("Shape", [like], [f"{name}/like_shape"], name=f"{name}/like_shape"),
+                 helper.make_node("Gather", [f"{name}/like_shape", f"{name}/batch_axes"], [f"{name}/batch_dims"],
+                                  axis=0, name=f"{name}/batch_dims"),
+                 helper.make_node("Concat", [f"{name}/batch_dims", f"{name}/tail"], [f"{name}/unmerged_shape"],
+                                  axis=0, name=f"{name}/unmerged_shape"),
+                 helper.make_node("Reshape", [op_output, f"{name}/unmerged_shape"], [f"{name}/unmerged"],
+                                  name=f"{name}/unmerge"),
+                 helper.make_node("Transpose", [f"{name}/unmerged"], [per_head_output],
+                                  perm=list(np.argsort(perm)), name=f"{name}/output_transpose")]
+        inits = [constant(f"{name}/batch_axes", np.array(self.batch, np.int64)),
+                 constant(f"{name}/tail", np.array(tail, np.int64))]
+
+        def expected(run):
+            x = probe.runs[run][per_head_output]
+            return x.transpose(perm).reshape(-1, x.shape[rows], self.heads * x.shape[features])
+        return expected, nodes, inits
+
+    def bias_into_op(self, probe: Probe, bias: str, values: list[np.ndarray], like: str, name: str):
+        """A bias broadcasting against the per-head scores [..., Nq, Nk] to [B' or 1, H or 1, Nq, Nk]; the batch
+        axes' sizes are read from `like` when the bias changes along them (a mask that depends on the chunk).
+        Returns (op input name, values per run, new nodes, new initializers)."""
+        rank = np.ndim(values[0])
+        if rank > self.rank:
+            raise NotFused(f"the score bias has rank {rank}, more than the scores' {self.rank}")
+        nodes, inits, tensor = unsqueeze_to_rank4(bias, rank, name, target=self.rank)
+        values = [v.reshape((1,) * (self.rank - rank) + v.shape) for v in values]
+        head_size = values[0].shape[self.head] if self.head is not None else 1
+        perm = [*self.batch, *([self.head] if self.head is not None else []), self.rank - 2, self.rank - 1]
+        per_batch = any(v.shape[a] != 1 for v in values for a in self.batch)
+        if per_batch:
+            nodes = nodes + [
+                helper.make_node("Shape", [like], [f"{name}/bias_like"], name=f"{name}/bias_like"),
+                helper.make_node("Gather", [f"{name}/bias_like", f"{name}/bias_batch_axes"], [f"{name}/bias_batch"],
+                                 axis=0, name=f"{name}/bias_batch"),
+                helper.make_node("ScatterElements", [f"{name}/bias_ones", f"{name}/bias_batch_axes",
+                                                     f"{name}/bias_batch"], [f"{name}/bias_target"],
+                                 name=f"{name}/bias_target"),
+                helper.make_node("Expand", [tensor, f"{name}/bias_target"], [f"{name}/bias_full"],
+                                 name=f"{name}/bias_expand")]
+            inits = inits + [constant(f"{name}/bias_batch_axes", np.array(self.batch, np.int64)),
+                             constant(f"{name}/bias_ones", np.ones(self.rank, np.int64))]
+            tensor = f"{name}/bias_full"
+        target = np.array([-1, head_size, *values[0].shape[-2:]], np.int64)
+        nodes = nodes + [
+            helper.make_node("Transpose", [tensor], [f"{name}/bias_t"], perm=perm, name=f"{name}/bias_transpose"),
+            helper.make_node("Reshape", [f"{name}/bias_t", f"{name}/bias_shape"], [f"{name}/bias_op"],
+                             name=f"{name}/bias_merge")]
+        inits = inits + [constant(f"{name}/bias_shape", target)]
+
+        def value(run):
+            v = values[run]
+            if per_batch:
+                like_shape = probe.shape(like, run)
+                v = np.broadcast_to(v, [like_shape[a] if a in self.batch else v.shape[a] for a in range(self.rank)])
+            return np.ascontiguousarray(v.transpose(perm).reshape(target))
+        return f"{name}/bias_op", value, nodes, inits

@@ -1,0 +1,157 @@
+"""One softmax over concatenated score blocks: attention over the concatenated keys (Transformer-LS).
+
+Transformer-LS scores each segment's queries against the projected landmarks and against the window keys, joins
+the two score blocks on the key axis, takes one softmax, and splits the weights again for the two value products:
+    P = softmax([s Q K1^T + b1 | s Q K2^T + b2]),   out = P[..., :n1] V1 + P[..., n1:] V2
+That is one attention over keys [K1; K2] and values [V1; V2] with bias [b1 | b2]. The rewrite builds those
+concatenations in the graph (a key set shared by every chunk, like the landmarks [B, H, 1, r, D], is expanded over
+the chunks) and hands them, chunks folded into the batch, to DenseAttention; the numerical check decides.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..ops import DENSE_ATTENTION
+from .chunk_layout import ChunkLayout
+from .framework import Match, NotFused, check_no_escape, constant, region, untransposed, verify_numerically
+from .graph import GraphIndex
+from .probe import Probe
+from .score_chain import chain_bias, score_chain
+
+OP = DENSE_ATTENTION
+
+
+def is_concatenated(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto) -> bool:
+    """The softmax reads a Concat on the last axis and its weights are sliced for value products."""
+    concat = index.producer.get(softmax.input[0])
+    return (concat is not None and concat.op_type == "Concat" and _axis_is_last(probe, concat, "axis")
+            and len(_value_products(index, probe, softmax)) == len(concat.input))
+
+
+def _axis_is_last(probe: Probe, node: onnx.NodeProto, name: str) -> bool:
+    axis = next((a.i for a in node.attribute if a.name == name), 0)
+    return axis == -1 or axis == len(probe.shape(node.output[0]) or ()) - 1
+
+
+def _value_products(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """MatMul(Slice(P), V_i) for the slices of the weights on the last axis, in the order of their start."""
+    found = []
+    for user in index.consumers.get(softmax.output[0], []):
+        if user.op_type != "Slice" or len(user.input) < 4:
+            return []
+        axes = probe.runs[0].get(user.input[3])
+        rank = len(probe.shape(user.output[0]) or ())
+        if axes is None or [int(a) % rank for a in np.ravel(axes)] != [rank - 1]:
+            return []
+        products = [u for u in index.consumers.get(user.output[0], []) if u.op_type == "MatMul"]
+        if len(products) != 1 or products[0].input[0] != user.output[0]:
+            return []
+        found.append((int(np.ravel(probe.runs[0][user.input[1]])[0]), products[0]))
+    return [p for _, p in sorted(found, key=lambda item: item[0])]
+
+
+def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -> Match:
+    concat = index.producer[softmax.input[0]]
+    chains = [score_chain(index, probe, t) for t in concat.input]
+    why = next((c for c in chains if isinstance(c, str)), None)
+    if why:
+        raise NotFused(f"a score block of the concatenation: {why}")
+    q = chains[0].qk.input[0]
+    if any(c.qk.input[0] != q for c in chains):
+        raise NotFused("the concatenated score blocks do not share one query tensor")
+    if not np.allclose([c.scale for c in chains], chains[0].scale, rtol=1e-6):
+        raise NotFused("the concatenated score blocks are scaled differently")
+    products = _value_products(index, probe, softmax)
+    output = _sum_of(index, [p.output[0] for p in products])
+    if output is None:
+        raise NotFused("the value products of the score blocks are not added up")
+
+    layout = ChunkLayout.of(probe, q)
+    new_nodes, new_inits = [], []
+    keys, values, boundary = [], [], [q]
+    for i, (chain, product) in enumerate(zip(chains, products)):
+        k, transposed = untransposed(index, probe, chain.qk.input[1])
+        if transposed:
+            rank = len(probe.shape(k))
+            new_nodes.append(helper.make_node("Transpose", [k], [f"{name}/key{i}"], name=f"{name}/key{i}_transpose",
+                                              perm=[*range(rank - 2), rank - 1, rank - 2]))
+            keys.append(f"{name}/key{i}")
+        else:
+            keys.append(k)
+        values.append(product.input[1])
+        boundary += [k, product.input[1], *chain.side_inputs(index)]
+    into = [layout.into_op(probe, q, f"{name}/query"),
+            layout.concatenated_into_op(probe, keys, q, f"{name}/key"),
+            layout.concatenated_into_op(probe, values, q, f"{name}/value")]
+    bias_nodes, bias_inits = _concatenated_bias(index, probe, chains, name)
+    new_nodes, new_inits = new_nodes + bias_nodes, new_inits + bias_inits
+    for _, _, nodes, inits in into:
+        new_nodes, new_inits = new_nodes + nodes, new_inits + inits
+    bias = f"{name}/bias_all"
+    probe.evaluate(new_nodes, [f"{name}/key", f"{name}/value", bias], index.model.opset_import, new_inits)
+    op_output = f"{name}/output"
+    expected, out_nodes, out_inits = layout.out_of_op(probe, op_output, output, like=q, name=name)
+    bias_op, bias_value, more_nodes, more_inits = layout.bias_into_op(
+        probe, bias, [run[bias] for run in probe.runs], like=q, name=name)
+    new_nodes, new_inits = new_nodes + more_nodes + out_nodes, new_inits + more_inits + out_inits
+
+    nodes, outside = region(index, boundary, output)
+    if outside:
+        raise NotFused(f"the attention also reads data-dependent tensor '{outside[0]}'")
+    check_no_escape(index, nodes, output)
+    attrs = {"num_heads": layout.heads, "scale": chains[0].scale, "causal": 0}
+    why = verify_numerically(OP, probe, [t[1] for t in into] + [bias_value], expected, attrs)
+    if why:
+        raise NotFused(f"the op's reference does not reproduce the graph: {why}")
+    return Match(OP, name, [t[0] for t in into] + [bias_op], op_output, attrs, nodes, new_inits, new_nodes)
+
+
+def _sum_of(index: GraphIndex, tensors: list[str]) -> str | None:
+    """The output of the Add (or chain of Adds) that sums exactly `tensors`."""
+    pending, total = set(tensors), None
+    while len(pending) > 1 or total is None:
+        adds = [u for t in pending for u in index.consumers.get(t, []) if u.op_type == "Add"
+                and set(u.input) <= pending]
+        if not adds:
+            return None
+        pending = (pending - set(adds[0].input)) | {adds[0].output[0]}
+        total = adds[0].output[0]
+    return total
+
+
+def _concatenated_bias(index: GraphIndex, probe: Probe, chains: list, name: str):
+    """[b1 | b2 | ..] on the key axis, each block chain_i(0) (zero when the block has no bias) broadcast to
+    [.., Nq, Nk_i] and all to common leading axes."""
+    rank = len(probe.shape(chains[0].qk.output[0]))
+    nodes, blocks = [], []
+    inits = [constant(f"{name}/zero", np.array([0], np.int64)), constant(f"{name}/minus_one", np.array([-1], np.int64))]
+    for i, chain in enumerate(chains):
+        rows, cols = probe.shape(chain.qk.output[0])[-2:]
+        if chain.has_bias:
+            chain_nodes, block, chain_inits, _ = chain_bias(index, probe, chain, f"{name}/block{i}", rank4=False)
+            nodes, inits = nodes + chain_nodes, inits + chain_inits
+        else:
+            block = f"{name}/block{i}_zero"
+            inits.append(constant(block, np.zeros((), probe.runs[0][chain.qk.output[0]].dtype)))
+        inits.append(constant(f"{name}/block{i}_size", np.array([1] * (rank - 2) + [rows, cols], np.int64)))
+        nodes += [helper.make_node("Expand", [block, f"{name}/block{i}_size"], [f"{name}/block{i}_full"],
+                                   name=f"{name}/block{i}_expand"),
+                  helper.make_node("Shape", [f"{name}/block{i}_full"], [f"{name}/block{i}_shape"],
+                                   name=f"{name}/block{i}_shape"),
+                  helper.make_node("Slice", [f"{name}/block{i}_shape", f"{name}/zero", f"{name}/minus_one"],
+                                   [f"{name}/block{i}_lead"], name=f"{name}/block{i}_lead")]
+        blocks.append((f"{name}/block{i}_full", cols))
+    leads = [f"{name}/block{i}_lead" for i in range(len(chains))]
+    nodes.append(helper.make_node("Max", leads, [f"{name}/bias_lead"], name=f"{name}/bias_lead"))
+    expanded = []
+    for i, (block, cols) in enumerate(blocks):
+        inits.append(constant(f"{name}/block{i}_cols", np.array([cols], np.int64)))
+        nodes += [helper.make_node("Concat", [f"{name}/bias_lead", f"{name}/block{i}_cols"],
+                                   [f"{name}/block{i}_target"], axis=0, name=f"{name}/block{i}_target"),
+                  helper.make_node("Expand", [block, f"{name}/block{i}_target"], [f"{name}/block{i}_common"],
+                                   name=f"{name}/block{i}_common")]
+        expanded.append(f"{name}/block{i}_common")
+    nodes.append(helper.make_node("Concat", expanded, [f"{name}/bias_all"], axis=-1, name=f"{name}/bias_concat"))
+    return nodes, inits

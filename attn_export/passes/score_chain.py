@@ -1,0 +1,104 @@
+"""The scores of softmax-style attention as an affine function of one QK^T product.
+
+MatMul(q, k^T) -> chain -> weights, where the chain is made of scalings (Mul/Div by a constant scalar), additive
+terms (Add/Sub of a bias or mask) and masks (Where(cond, scores, fill)), in any order. Such a chain is affine in the
+scores: chain(x) = c * x + chain(0). A fused node gets scale c and, as its bias, the same chain applied to a zero
+score, kept in the graph (static masks stay static; a mask or bias computed from other tensors keeps reading them).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .framework import NotFused, constant, run_nodes, scalar_value, unsqueeze_to_rank4
+from .graph import GraphIndex
+from .probe import Probe
+
+CHAIN_OPS = {"Mul", "Div", "Add", "Sub", "Where", "Cast"}
+
+
+class ScoreChain:
+    """The nodes between the QK product and the softmax, from the product down, and where the scores enter each."""
+
+    def __init__(self, qk: onnx.NodeProto, steps: list[tuple[onnx.NodeProto, int]], scale: float):
+        self.qk, self.steps, self.scale = qk, steps, scale
+
+    def side_inputs(self, index: GraphIndex) -> list[str]:
+        """Data-dependent tensors the chain reads besides the scores (a mask or bias computed elsewhere)."""
+        return [t for node, slot in self.steps for i, t in enumerate(node.input)
+                if i != slot and t and not index.is_static(t)]
+
+    @property
+    def has_bias(self) -> bool:
+        return any(node.op_type in ("Add", "Sub", "Where") for node, _ in self.steps)
+
+
+def is_qk_product(index: GraphIndex, node: onnx.NodeProto | None) -> bool:
+    return node is not None and node.op_type == "MatMul" and len(index.dynamic_inputs(node)) == 2
+
+
+def _reaches_qk(index: GraphIndex, tensor: str, depth: int = 12) -> bool:
+    node = index.producer.get(tensor)
+    if is_qk_product(index, node):
+        return True
+    if node is None or depth == 0 or node.op_type not in CHAIN_OPS:
+        return False
+    return any(_reaches_qk(index, i, depth - 1) for i in index.dynamic_inputs(node))
+
+
+def score_chain(index: GraphIndex, probe: Probe, scores: str) -> ScoreChain | str:
+    """The chain that makes `scores` (what a softmax reads), or why it is not an affine function of one QK^T
+    product."""
+    steps, scale, tensor = [], 1.0, scores
+    while True:
+        node = index.producer.get(tensor)
+        if node is None:
+            return "no QK^T product feeds the softmax"
+        if is_qk_product(index, node):
+            break
+        if node.op_type not in CHAIN_OPS:
+            return f"unexpected {node.op_type} between QK^T and softmax"
+        carriers = [i for i, t in enumerate(node.input) if t and not index.is_static(t) and _reaches_qk(index, t)]
+        if len(carriers) != 1:
+            return f"{node.op_type} between QK^T and softmax combines the scores with themselves (not affine)"
+        slot = carriers[0]
+        if node.op_type in ("Mul", "Div"):
+            other = node.input[1 - slot]
+            value = scalar_value(index, probe, other)
+            if value is None or value == 0 or (node.op_type == "Div" and slot != 0):
+                return f"scores are scaled by a non-constant or per-element tensor ({node.op_type} '{node.name}')"
+            scale *= value if node.op_type == "Mul" else 1.0 / value
+        elif node.op_type == "Sub" and slot != 0:
+            return "scores are subtracted from another tensor"
+        elif node.op_type == "Where" and slot == 0:
+            return "the scores are a Where condition"
+        steps.append((node, slot))
+        tensor = node.input[slot]
+    steps.reverse()
+    return ScoreChain(node, steps, scale)
+
+
+def chain_bias(index: GraphIndex, probe: Probe, chain: ScoreChain, name: str, rank4: bool = True):
+    """The score chain copied onto a zero score: chain(0), made rank 4 ([B or 1, H or 1, Nq, Nk]) unless not
+    `rank4`. Returns the nodes, the bias tensor, new constants and the bias value at every probe."""
+    dtype = np.asarray(probe.runs[0][chain.qk.output[0]]).dtype
+    zero = f"{name}/zero_scores"
+    inits = [constant(zero, np.zeros((), dtype))]
+    nodes, renamed = [], {chain.qk.output[0]: zero}
+    for node, _ in chain.steps:
+        copy = helper.make_node(node.op_type, [renamed.get(i, i) for i in node.input],
+                                [f"{name}/bias/{o}" for o in node.output], name=f"{name}/bias/{node.name}")
+        copy.attribute.extend(node.attribute)
+        renamed.update(zip(node.output, copy.output))
+        nodes.append(copy)
+    bias = nodes[-1].output[0]
+    values = [run_nodes(nodes, bias, values, index.model.opset_import, inits) for values in probe.runs]
+    if not rank4:
+        return nodes, bias, inits, values
+    rank = np.ndim(values[0])
+    if rank > 4:
+        raise NotFused(f"the score bias has rank {rank}, more than [B, H, Nq, Nk]")
+    rank4_nodes, rank4_inits, bias = unsqueeze_to_rank4(bias, rank, name)
+    values = [v.reshape((1,) * (4 - rank) + v.shape) for v in values]
+    return nodes + rank4_nodes, bias, inits + rank4_inits, values
