@@ -89,7 +89,10 @@ class BigBirdAttention(nn.Module):
 
 
 def check_seq_len(config: BigBirdConfig, seq_len: int) -> None:
-    check_length(config, seq_len, "BigBird", config.block_size, "block_size", minimum=2 * config.block_size)
+    # at least 2 blocks (first and last are global), and r blocks to draw the r random candidates from
+    blocks = max(2, config.num_random_blocks)
+    check_length(config, seq_len, "BigBird", config.block_size, "block_size", minimum=blocks * config.block_size,
+                 why=f" (at least {blocks} blocks of {config.block_size})")
 
 
 def parity_seq_lens(config: BigBirdConfig) -> list[int]:

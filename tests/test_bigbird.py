@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import models
 from attn_export.errors import UserError
 from conftest import small_config
 from models.bigbird import BigBirdAttention
@@ -81,3 +82,15 @@ def test_config_out_of_range_is_a_user_error():
         entry.make_config({"num_heads": -2})
     with pytest.raises(UserError, match="multiple of block_size"):
         entry.make_config({"max_seq_len": 100, "block_size": 64})
+
+
+def test_lengths_with_fewer_blocks_than_random_blocks_are_refused_and_the_shortest_valid_one_runs():
+    entry = models.get("bigbird")
+    config = entry.make_config({"hidden": 16, "num_heads": 2, "num_layers": 1, "block_size": 8,
+                                "num_random_blocks": 3, "max_seq_len": 256, "vocab_size": 50})
+    with pytest.raises(UserError, match="at least 3 blocks"):
+        entry.check_seq_len(config, 16)
+    entry.check_seq_len(config, 24)
+    model = entry.build(config).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(**entry.example_inputs(config, 1, 24))).all()
