@@ -1,5 +1,5 @@
-"""Every zoo architecture, through the CLI as a user runs it: create, then build (export with the dynamo exporter,
-fuse, onnxruntime parity against torch at every parity length)."""
+"""Every zoo architecture, through the CLI as a user runs it: create, then build --strict (export with the dynamo
+exporter, fuse every attention layer, onnxruntime parity against torch at every parity length)."""
 import json
 
 import pytest
@@ -34,12 +34,13 @@ def test_small_config_is_small_and_valid(name):
 
 
 @pytest.mark.parametrize("name", REGISTERED)
-def test_create_and_build_pass_parity(capsys, tmp_path, name):
+def test_create_and_strict_build_fuse_everything_and_pass_parity(capsys, tmp_path, name):
     ckpt = tmp_path / "model.pt"
     assert run(capsys, "zoo", "create", name, "-o", ckpt, *small_args(name))[0] == 0
-    code, out, err = run(capsys, "build", ckpt, "-o", tmp_path / "out", "--no-engine")
-    assert code == 0, out + err
+    code, out, err = run(capsys, "build", ckpt, "-o", tmp_path / "out", "--no-engine", "--strict")
+    assert code == 0, out + err  # --strict: every attention layer fused and every parity row passed
     report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["fusion"]["layers"] and all(row["status"] == "fused" for row in report["fusion"]["layers"])
     rows = report["parity"]
     entry, config = small_config(name)
     assert len({r["inputs"] for r in rows}) == len(entry.parity_seq_lens(config))
