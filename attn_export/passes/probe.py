@@ -90,7 +90,7 @@ class Probe:
 
     def evaluate(self, nodes: list, outputs: list[str], opset_imports, initializers=()) -> None:
         """Run new nodes (a pass's rewrite) on every probe and keep their `outputs` like the graph's own tensors."""
-        from .framework import run_nodes
+        from .framework import run_nodes  # framework reads Probe: imported here, not at the top
 
         for values in self.runs:
             for name in outputs:
