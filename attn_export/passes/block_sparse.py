@@ -8,8 +8,8 @@ import onnx
 from onnx import helper
 
 from ..ops import BLOCK_SPARSE_ATTENTION
-from .framework import (GATHER_OPS, Match, NotFused, constant, find_output, has_dynamic_shapes, region,
-                        check_no_escape, run_subgraph, static_tensor_matching, verify_numerically, walk_to_boundary)
+from .framework import (GATHER_OPS, Match, NotFused, closed_region, constant, find_output, has_dynamic_shapes, region,
+                        run_subgraph, static_tensor_matching, verify_numerically, walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
 from .softmax_core import SoftmaxCore, find_core, softmax_nodes
@@ -54,10 +54,7 @@ def match(index: GraphIndex, probe: Probe, core: SoftmaxCore, name: str) -> Matc
         raise NotFused("no [B, N, H*D] output where the heads merge back")
     nodes, outside = region(index, [q, k], output)
     v = _single_value_input(index, probe, outside)
-    nodes, outside = region(index, [q, k, v], output)
-    if outside:
-        raise NotFused(f"the attention also reads data-dependent tensor '{outside[0]}'")
-    check_no_escape(index, nodes, output)
+    nodes = closed_region(index, [q, k, v], output)
 
     tables = [_block_table(index, probe, core, k, k_factor, run, block_size) for run in range(len(probe.runs))]
     scale = core.score_scale * q_factor * k_factor

@@ -63,6 +63,18 @@ class ChunkLayout:
             return probe.runs[run][tensor].transpose(perm).reshape(target)
         return name, value, nodes, [constant(f"{name}_shape", target)]
 
+    def qkv_into_op(self, probe: Probe, q: str, k: str, v: str, output: str, name: str, k_transposed: bool = False):
+        """q, k, v into the op, and the op's output back to the graph's per-head `output`.
+        Returns (op inputs, their values per run, op output, expected op output per run, new nodes, new inits)."""
+        layouts = [self.into_op(probe, q, f"{name}/query"),
+                   self.into_op(probe, k, f"{name}/key", transposed=k_transposed),
+                   self.into_op(probe, v, f"{name}/value")]
+        op_output = f"{name}/output"
+        expected, nodes, inits = self.out_of_op(probe, op_output, output, like=q, name=name)
+        for _, _, more_nodes, more_inits in layouts:
+            nodes, inits = more_nodes + nodes, more_inits + inits
+        return [t[0] for t in layouts], [t[1] for t in layouts], op_output, expected, nodes, inits
+
     def concatenated_into_op(self, probe: Probe, parts: list[str], like: str, name: str):
         """Per-head [.., rows_i, D] tensors joined on the row axis, straight into the op's [B', sum rows_i, H*D]: each
         part is transposed first and expanded to the batch axes of `like` (a set shared by every chunk has 1 there),

@@ -15,7 +15,7 @@ from onnx import helper
 
 from ..ops import DENSE_ATTENTION
 from .chunk_layout import ChunkLayout
-from .framework import Match, NotFused, check_no_escape, constant, region, untransposed, verify_numerically
+from .framework import Match, NotFused, closed_region, constant, untransposed, verify_numerically
 from .graph import GraphIndex
 from .probe import Probe
 from .score_chain import chain_bias, score_chain
@@ -97,10 +97,7 @@ def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -
         probe, bias, [run[bias] for run in probe.runs], like=q, name=name)
     new_nodes, new_inits = new_nodes + more_nodes + out_nodes, new_inits + more_inits + out_inits
 
-    nodes, outside = region(index, boundary, output)
-    if outside:
-        raise NotFused(f"the attention also reads data-dependent tensor '{outside[0]}'")
-    check_no_escape(index, nodes, output)
+    nodes = closed_region(index, boundary, output)
     attrs = {"num_heads": layout.heads, "scale": chains[0].scale, "causal": 0}
     why = verify_numerically(OP, probe, [t[1] for t in into] + [bias_value], expected, attrs)
     if why:

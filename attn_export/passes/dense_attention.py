@@ -20,7 +20,7 @@ from onnx import helper
 from ..ops import BLOCK_SPARSE_ATTENTION, DENSE_ATTENTION
 from . import concatenated_keys
 from .chunk_layout import ChunkLayout
-from .framework import (Match, NotFused, check_no_escape, constant, escaping_tensor, has_dynamic_shapes,
+from .framework import (Match, NotFused, check_no_escape, closed_region, constant, escaping_tensor, has_dynamic_shapes,
                         keep_shared_layouts, region, untransposed, verify_numerically, walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
@@ -76,12 +76,12 @@ def candidates(index: GraphIndex, probe: Probe):
 
 def match(index: GraphIndex, probe: Probe, anchor: onnx.NodeProto, name: str) -> Match:
     """`anchor`: the Softmax, or the Relu of relu^2 weights."""
-    if value_product(index, anchor) is None:
+    pv = value_product(index, anchor)
+    if pv is None:
         return concatenated_keys.match(index, probe, anchor, name)
     chain = score_chain(index, probe, anchor.input[0])
     if isinstance(chain, str):
         return _match_logits(index, probe, anchor, name, f"{chain}, and as materialised logits: ")
-    pv = value_product(index, anchor)
     layout = ChunkLayout.of(probe, chain.qk.input[0])
     if layout.rank != 4 or layout.head != 1 or anchor.op_type != "Softmax":
         return _match_per_chunk(index, probe, anchor, chain, pv, layout, name)
@@ -135,23 +135,14 @@ def _match_per_chunk(index: GraphIndex, probe: Probe, anchor: onnx.NodeProto, ch
                      pv: onnx.NodeProto, layout: ChunkLayout, name: str) -> Match:
     """Attention on per-head tensors with extra leading axes (chunks), or relu^2 weights: the op reads the per-head
     q, k, v themselves, chunks folded into its batch, and the graph's per-head output is rebuilt from its output."""
-    q, kt, v = chain.qk.input[0], chain.qk.input[1], pv.input[1]
-    k, k_transposed = untransposed(index, probe, kt)
-    layouts = [layout.into_op(probe, q, f"{name}/query"),
-               layout.into_op(probe, k, f"{name}/key", transposed=k_transposed),
-               layout.into_op(probe, v, f"{name}/value")]
-    op_output, output = f"{name}/output", pv.output[0]
-    expected, new_nodes, new_inits = layout.out_of_op(probe, op_output, output, like=q, name=name)
-    for _, _, nodes, inits in layouts:
-        new_nodes, new_inits = nodes + new_nodes, inits + new_inits
-    nodes, outside = region(index, [q, k, v, *chain.side_inputs(index)], output)
-    if outside:
-        raise NotFused(f"the attention also reads data-dependent tensor '{outside[0]}'")
-    check_no_escape(index, nodes, output)
+    q, v, output = chain.qk.input[0], pv.input[1], pv.output[0]
+    k, k_transposed = untransposed(index, probe, chain.qk.input[1])
+    inputs, values, op_output, expected, new_nodes, new_inits = layout.qkv_into_op(probe, q, k, v, output, name,
+                                                                                   k_transposed)
+    nodes = closed_region(index, [q, k, v, *chain.side_inputs(index)], output)
 
     score_fn = "softmax" if anchor.op_type == "Softmax" else "relu_squared"
     attrs = {"num_heads": layout.heads, "scale": chain.scale, "causal": 0, "score_fn": score_fn}
-    inputs, values = [t[0] for t in layouts], [t[1] for t in layouts]
     if chain.has_bias:
         bias_nodes, bias, bias_inits, bias_values = chain_bias(index, probe, chain, name, rank4=False)
         bias, bias_value, more_nodes, more_inits = layout.bias_into_op(probe, bias, bias_values, like=q, name=name)

@@ -138,6 +138,15 @@ def region(index: GraphIndex, boundary: list[str], output: str) -> tuple[list[on
     return nodes, outside
 
 
+def closed_region(index: GraphIndex, boundary: list[str], output: str, what: str = "attention"):
+    """The region's nodes, refused unless it reads only the boundary and static tensors and leaks nothing."""
+    nodes, outside = region(index, boundary, output)
+    if outside:
+        raise NotFused(f"the {what} also reads data-dependent tensor '{outside[0]}'")
+    check_no_escape(index, nodes, output)
+    return nodes
+
+
 def keep_shared_layouts(index: GraphIndex, nodes: list[onnx.NodeProto], inputs: list[str]) -> list[onnx.NodeProto]:
     """Leave in the graph the layout nodes on the way to `inputs` (e.g. the per-head split of q) whose results are
     also read elsewhere (e.g. by Treeformer's routing): they compute the same thing whether fused or not."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..ops import LINEAR_ATTENTION
 from .chunk_layout import ChunkLayout
-from .framework import (GATHER_OPS, Match, NotFused, check_no_escape, constant, find_output, region, scalar_value,
+from .framework import (GATHER_OPS, Match, NotFused, closed_region, constant, find_output, region, scalar_value,
                         untransposed, verify_numerically, walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
@@ -106,10 +106,7 @@ def match(index: GraphIndex, probe: Probe, candidate, name: str) -> Match:
     if len(values) != 1:
         raise NotFused(f"expected one value tensor outside q and k, found {len(values)}")
     v = values.pop()
-    nodes, outside = region(index, [qa, qb, v], output)
-    if outside:
-        raise NotFused(f"the attention also reads data-dependent tensor '{outside[0]}'")
-    check_no_escape(index, nodes, output)
+    nodes = closed_region(index, [qa, qb, v], output)
 
     w = probe.runs[0][a.input[1]]  # x @ W with W [D, M]; the op takes the projection as [M, D]
     if w.shape[0] != head_dim:
@@ -135,19 +132,11 @@ def _match_identity(index: GraphIndex, probe: Probe, product: StateProduct, name
     q, (kt, v), output = product.outer.input[0], product.inner.input, product.outer.output[0]
     k, k_transposed = untransposed(index, probe, kt)
     layout = ChunkLayout.of(probe, q)
-    layouts = [layout.into_op(probe, q, f"{name}/query"),
-               layout.into_op(probe, k, f"{name}/key", transposed=k_transposed),
-               layout.into_op(probe, v, f"{name}/value")]
-    op_output = f"{name}/output"
-    expected, new_nodes, new_inits = layout.out_of_op(probe, op_output, output, like=q, name=name)
-    for _, _, nodes, inits in layouts:
-        new_nodes, new_inits = nodes + new_nodes, inits + new_inits
-    nodes, outside = region(index, [q, k, v], output)
-    if outside:
-        raise NotFused(f"the attention also reads data-dependent tensor '{outside[0]}'")
-    check_no_escape(index, nodes, output)
+    inputs, values, op_output, expected, new_nodes, new_inits = layout.qkv_into_op(probe, q, k, v, output, name,
+                                                                                   k_transposed)
+    nodes = closed_region(index, [q, k, v], output)
     attrs = {"num_heads": layout.heads, "feature_map": "identity", "causal": 0, "normalize": 0}
-    why = verify_numerically(OP, probe, [t[1] for t in layouts], expected, attrs)
+    why = verify_numerically(OP, probe, values, expected, attrs)
     if why:
         raise NotFused(f"the op's reference does not reproduce the graph: {why}")
-    return Match(OP, name, [t[0] for t in layouts], op_output, attrs, nodes, new_inits, new_nodes)
+    return Match(OP, name, inputs, op_output, attrs, nodes, new_inits, new_nodes)

@@ -15,8 +15,7 @@ import torch
 from onnx import helper
 
 from ..ops import LONG_CONVOLUTION
-from .framework import (Match, NotFused, check_no_escape, constant, find_output, region, verify_numerically,
-                        walk_to_boundary)
+from .framework import Match, NotFused, closed_region, constant, find_output, verify_numerically, walk_to_boundary
 from .graph import GraphIndex
 from .probe import Probe
 
@@ -79,10 +78,7 @@ def match(index: GraphIndex, probe: Probe, conv: onnx.NodeProto, name: str) -> M
     output = find_output(index, probe, [conv.output[0]], like=u)
     if output is None:
         raise NotFused("no [B, N, C] output after the convolution")
-    nodes, outside = region(index, [u], output)
-    if outside:
-        raise NotFused(f"the convolution also reads data-dependent tensor '{outside[0]}'")
-    check_no_escape(index, nodes, output)
+    nodes = closed_region(index, [u], output, what="convolution")
 
     kernel, backward = split_taps(weight, pads[0])
     n_max = max(probe.runs[run][u].shape[1] for run in range(len(probe.runs)))

@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 
 from ..ops import MIXTURE_OF_EXPERTS
-from .framework import (Match, NotFused, check_no_escape, find_output, has_dynamic_shapes, region,
-                        verify_numerically, walk_to_boundary)
+from .framework import (Match, NotFused, closed_region, find_output, has_dynamic_shapes, verify_numerically,
+                        walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
 from .softmax_core import softmax_nodes
@@ -45,10 +45,7 @@ def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -
     output = find_output(index, probe, [softmax.output[0]], like=x)
     if output is None:
         raise NotFused("no output shaped like the tokens downstream of the router")
-    nodes, outside = region(index, [x], output)
-    if outside:
-        raise NotFused(f"the layer also reads data-dependent tensor '{outside[0]}'")
-    check_no_escape(index, nodes, output)
+    nodes = closed_region(index, [x], output, what="layer")
 
     experts = probe.runs[0][router].shape[1]
     stacked = [i for n in nodes if n.op_type == "MatMul" for i in n.input
