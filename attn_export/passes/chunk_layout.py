@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import helper
 
-from .framework import NotFused, constant, unsqueeze_to_rank4
+from .framework import NotFused, constant, unsqueeze_to_rank
 from .probe import Probe
 
 
@@ -38,6 +38,12 @@ class ChunkLayout:
         if rank == 5:
             return ChunkLayout(5, (0, 2), 1, shapes[0][1])
         raise NotFused(f"per-head tensor {shapes[0]} is neither [B, H, N, D] nor chunked [B, H, G, C, D]")
+
+    def _batch_sizes(self, like: str, out: str) -> tuple[list, list]:
+        """Nodes making `out`, the sizes of `like`'s batch axes (1-D int64), and their constant."""
+        nodes = [helper.make_node("Shape", [like], [f"{out}_of"], name=f"{out}_of"),
+                 helper.make_node("Gather", [f"{out}_of", f"{out}_axes"], [out], axis=0, name=out)]
+        return nodes, [constant(f"{out}_axes", np.array(self.batch, np.int64))]
 
     def _perm(self, rows: int, features: int) -> list[int]:
         return [*self.batch, rows, *([self.head] if self.head is not None else []), features]
@@ -82,10 +88,7 @@ class ChunkLayout:
         Returns (op input name, value per run, new nodes, new initializers)."""
         rows, features = self.rank - 2, self.rank - 1
         perm = self._perm(rows, features)
-        nodes = [helper.make_node("Shape", [like], [f"{name}_like"], name=f"{name}_like"),
-                 helper.make_node("Gather", [f"{name}_like", f"{name}_batch_axes"], [f"{name}_batch"], axis=0,
-                                  name=f"{name}_batch")]
-        inits = [constant(f"{name}_batch_axes", np.array(self.batch, np.int64))]
+        nodes, inits = self._batch_sizes(like, f"{name}_batch")
         joined, total_rows = [], 0
         for i, part in enumerate(parts):
             shape = probe.shape(part)
@@ -117,17 +120,14 @@ class ChunkLayout:
                                                       name=f"{name}/output")], []
         perm = self._perm(rows, features)
         tail = [out_shape[rows], *([self.heads] if self.head is not None else []), out_shape[features]]
-        nodes = [helper.make_node("Shape", [like], [f"{name}/like_shape"], name=f"{name}/like_shape"),
-                 helper.make_node("Gather", [f"{name}/like_shape", f"{name}/batch_axes"], [f"{name}/batch_dims"],
-                                  axis=0, name=f"{name}/batch_dims"),
-                 helper.make_node("Concat", [f"{name}/batch_dims", f"{name}/tail"], [f"{name}/unmerged_shape"],
-                                  axis=0, name=f"{name}/unmerged_shape"),
-                 helper.make_node("Reshape", [op_output, f"{name}/unmerged_shape"], [f"{name}/unmerged"],
-                                  name=f"{name}/unmerge"),
-                 helper.make_node("Transpose", [f"{name}/unmerged"], [per_head_output],
-                                  perm=list(np.argsort(perm)), name=f"{name}/output_transpose")]
-        inits = [constant(f"{name}/batch_axes", np.array(self.batch, np.int64)),
-                 constant(f"{name}/tail", np.array(tail, np.int64))]
+        nodes, inits = self._batch_sizes(like, f"{name}/batch_dims")
+        nodes += [helper.make_node("Concat", [f"{name}/batch_dims", f"{name}/tail"], [f"{name}/unmerged_shape"],
+                                   axis=0, name=f"{name}/unmerged_shape"),
+                  helper.make_node("Reshape", [op_output, f"{name}/unmerged_shape"], [f"{name}/unmerged"],
+                                   name=f"{name}/unmerge"),
+                  helper.make_node("Transpose", [f"{name}/unmerged"], [per_head_output],
+                                   perm=list(np.argsort(perm)), name=f"{name}/output_transpose")]
+        inits.append(constant(f"{name}/tail", np.array(tail, np.int64)))
 
         def expected(run):
             x = probe.runs[run][per_head_output]
@@ -141,23 +141,20 @@ class ChunkLayout:
         rank = np.ndim(values[0])
         if rank > self.rank:
             raise NotFused(f"the score bias has rank {rank}, more than the scores' {self.rank}")
-        nodes, inits, tensor = unsqueeze_to_rank4(bias, rank, name, target=self.rank)
+        nodes, inits, tensor = unsqueeze_to_rank(bias, rank, name, target=self.rank)
         values = [v.reshape((1,) * (self.rank - rank) + v.shape) for v in values]
         head_size = values[0].shape[self.head] if self.head is not None else 1
         perm = [*self.batch, *([self.head] if self.head is not None else []), self.rank - 2, self.rank - 1]
         per_batch = any(v.shape[a] != 1 for v in values for a in self.batch)
-        if per_batch:
-            nodes = nodes + [
-                helper.make_node("Shape", [like], [f"{name}/bias_like"], name=f"{name}/bias_like"),
-                helper.make_node("Gather", [f"{name}/bias_like", f"{name}/bias_batch_axes"], [f"{name}/bias_batch"],
-                                 axis=0, name=f"{name}/bias_batch"),
+        if per_batch:  # e.g. a mask that depends on the chunk: expand it over the whole batch first
+            size_nodes, size_inits = self._batch_sizes(like, f"{name}/bias_batch")
+            nodes = nodes + size_nodes + [
                 helper.make_node("ScatterElements", [f"{name}/bias_ones", f"{name}/bias_batch_axes",
                                                      f"{name}/bias_batch"], [f"{name}/bias_target"],
                                  name=f"{name}/bias_target"),
                 helper.make_node("Expand", [tensor, f"{name}/bias_target"], [f"{name}/bias_full"],
                                  name=f"{name}/bias_expand")]
-            inits = inits + [constant(f"{name}/bias_batch_axes", np.array(self.batch, np.int64)),
-                             constant(f"{name}/bias_ones", np.ones(self.rank, np.int64))]
+            inits = inits + size_inits + [constant(f"{name}/bias_ones", np.ones(self.rank, np.int64))]
             tensor = f"{name}/bias_full"
         target = np.array([-1, head_size, *values[0].shape[-2:]], np.int64)
         nodes = nodes + [

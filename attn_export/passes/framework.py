@@ -285,9 +285,9 @@ def run_subgraph(index: GraphIndex, feeds: dict[str, np.ndarray], output: str, v
                      ir_version=index.model.ir_version)
 
 
-def unsqueeze_to_rank4(tensor: str, rank: int, name: str, target: int = 4) -> tuple[list, list, str]:
-    """A bias of rank < 4 broadcasts as [.., Nq, Nk]: the nodes and constant giving it rank 4 (or `target`), and
-    the result."""
+def unsqueeze_to_rank(tensor: str, rank: int, name: str, target: int = 4) -> tuple[list, list, str]:
+    """A bias of lower rank broadcasts as [.., Nq, Nk]: the nodes and constant giving it rank `target` (4, or the
+    rank of chunked scores), and the result."""
     if rank == target:
         return [], [], tensor
     axes, out = f"{name}/bias_axes", f"{name}/bias"

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .framework import NotFused, constant, run_nodes, scalar_value, unsqueeze_to_rank4
+from .framework import NotFused, constant, run_nodes, scalar_value, unsqueeze_to_rank
 from .graph import GraphIndex
 from .probe import Probe
 
@@ -99,6 +99,6 @@ def chain_bias(index: GraphIndex, probe: Probe, chain: ScoreChain, name: str, ra
     rank = np.ndim(values[0])
     if rank > 4:
         raise NotFused(f"the score bias has rank {rank}, more than [B, H, Nq, Nk]")
-    rank4_nodes, rank4_inits, bias = unsqueeze_to_rank4(bias, rank, name)
+    rank4_nodes, rank4_inits, bias = unsqueeze_to_rank(bias, rank, name)
     values = [v.reshape((1,) * (4 - rank) + v.shape) for v in values]
     return nodes + rank4_nodes, bias, inits + rank4_inits, values
