@@ -19,6 +19,7 @@ from .framework import Match, NotFused, closed_region, constant, untransposed, v
 from .graph import GraphIndex
 from .probe import Probe
 from .score_chain import chain_bias, score_chain
+from .softmax_core import axis_is_last
 
 OP = DENSE_ATTENTION
 
@@ -26,13 +27,8 @@ OP = DENSE_ATTENTION
 def is_concatenated(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto) -> bool:
     """The softmax reads a Concat on the last axis and its weights are sliced for value products."""
     concat = index.producer.get(softmax.input[0])
-    return (concat is not None and concat.op_type == "Concat" and _axis_is_last(probe, concat, "axis")
+    return (concat is not None and concat.op_type == "Concat" and axis_is_last(concat, probe)
             and len(_value_products(index, probe, softmax)) == len(concat.input))
-
-
-def _axis_is_last(probe: Probe, node: onnx.NodeProto, name: str) -> bool:
-    axis = next((a.i for a in node.attribute if a.name == name), 0)
-    return axis == -1 or axis == len(probe.shape(node.output[0]) or ()) - 1
 
 
 def _value_products(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto) -> list[onnx.NodeProto]:

@@ -25,48 +25,14 @@ from .framework import (Match, NotFused, check_no_escape, closed_region, constan
 from .graph import GraphIndex
 from .probe import Probe
 from .score_chain import ScoreChain, chain_bias, is_qk_product, score_chain
-from .softmax_core import GUARD_OPS, softmax_axis_is_last, softmax_nodes
+from .softmax_core import axis_is_last, relu_squared_nodes, softmax_nodes, value_product
 
 OP = DENSE_ATTENTION
 
 
-def relu_squared_nodes(index: GraphIndex) -> list[onnx.NodeProto]:
-    """Relu nodes whose output is squared (Mul(x, x) or Pow(x, 2)): FLASH's relu^2 attention weights."""
-    return [n for n in index.nodes if n.op_type == "Relu" and _square_of(index, n.output[0]) is not None]
-
-
-def _square_of(index: GraphIndex, tensor: str) -> str | None:
-    for user in index.consumers.get(tensor, []):
-        if user.op_type == "Mul" and list(user.input) == [tensor, tensor]:
-            return user.output[0]
-        if user.op_type == "Pow" and user.input[0] == tensor and index.is_static(user.input[1]):
-            return user.output[0]  # the exponent is checked numerically with the rest
-    return None
-
-
-def weights_output(index: GraphIndex, anchor: onnx.NodeProto) -> str:
-    """The attention weights an anchor makes: the softmax output, or the square of the relu."""
-    return anchor.output[0] if anchor.op_type == "Softmax" else _square_of(index, anchor.output[0])
-
-
-def value_product(index: GraphIndex, softmax: onnx.NodeProto) -> onnx.NodeProto | None:
-    """MatMul(p, v) reading the weights (softmax or relu^2), possibly through the NaN guard of fully masked rows."""
-    frontier = [weights_output(index, softmax)]
-    for _ in range(4):
-        nxt = []
-        for t in frontier:
-            for user in index.consumers.get(t, []):
-                if user.op_type == "MatMul" and user.input[0] == t:
-                    return user
-                if user.op_type in GUARD_OPS:
-                    nxt.extend(user.output)
-        frontier = nxt
-    return None
-
-
 def candidates(index: GraphIndex, probe: Probe):
     for softmax in softmax_nodes(index):
-        if softmax_axis_is_last(softmax, probe) and (value_product(index, softmax) is not None
+        if axis_is_last(softmax, probe) and (value_product(index, softmax) is not None
                                                      or concatenated_keys.is_concatenated(index, probe, softmax)):
             yield softmax
     for relu in relu_squared_nodes(index):

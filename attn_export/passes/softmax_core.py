@@ -1,5 +1,6 @@
 """Find softmax attention cores:
-MatMul(q, k^T) -> [scale, mask] -> Softmax(last axis) -> [NaN guard] -> MatMul(p, v)."""
+MatMul(q, k^T) -> [scale, mask] -> Softmax(last axis) -> [NaN guard] -> MatMul(p, v);
+and the weights' value product, for softmax and for FLASH's relu^2 weights alike."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,7 +41,8 @@ class SoftmaxCore:
         return self.pv.input[1]
 
 
-def softmax_axis_is_last(node: onnx.NodeProto, probe: Probe) -> bool:
+def axis_is_last(node: onnx.NodeProto, probe: Probe) -> bool:
+    """The node's `axis` attribute (a Softmax's, defaulting to -1, or a Concat's) names its input's last axis."""
     axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
     rank = len(probe.shape(node.input[0]) or ())
     return axis == -1 or axis == rank - 1
@@ -76,25 +78,47 @@ def find_core(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto) -> Softm
             masked = True
         tensor = dynamic[0]
     qk = node
-    if not softmax_axis_is_last(softmax, probe):
+    if not axis_is_last(softmax, probe):
         return "softmax is not over the last (key) axis"
-    probs, pv = softmax.output[0], None
-    frontier = [probs]
-    for _ in range(4):  # follow the NaN guard of fully masked rows to the product with V
-        nxt = []
-        for t in frontier:
-            for user in index.consumers.get(t, []):
-                if user.op_type == "MatMul" and user.input[0] == t:
-                    pv = user
-                elif user.op_type in GUARD_OPS:
-                    nxt.extend(user.output)
-        if pv is not None or not nxt:
-            break
-        frontier = nxt
+    pv = value_product(index, softmax)
     if pv is None:
         return NO_VALUE_PRODUCT
-    return SoftmaxCore(softmax, qk, pv, probs, scale, masked)
+    return SoftmaxCore(softmax, qk, pv, softmax.output[0], scale, masked)
 
 
 def softmax_nodes(index: GraphIndex):
     return [n for n in index.nodes if n.op_type == "Softmax"]
+
+
+def relu_squared_nodes(index: GraphIndex) -> list[onnx.NodeProto]:
+    """Relu nodes whose output is squared (Mul(x, x) or Pow(x, 2)): FLASH's relu^2 attention weights."""
+    return [n for n in index.nodes if n.op_type == "Relu" and _square_of(index, n.output[0]) is not None]
+
+
+def _square_of(index: GraphIndex, tensor: str) -> str | None:
+    for user in index.consumers.get(tensor, []):
+        if user.op_type == "Mul" and list(user.input) == [tensor, tensor]:
+            return user.output[0]
+        if user.op_type == "Pow" and user.input[0] == tensor and index.is_static(user.input[1]):
+            return user.output[0]  # the exponent is checked numerically with the rest
+    return None
+
+
+def weights_output(index: GraphIndex, anchor: onnx.NodeProto) -> str:
+    """The attention weights an anchor makes: the softmax output, or the square of the relu."""
+    return anchor.output[0] if anchor.op_type == "Softmax" else _square_of(index, anchor.output[0])
+
+
+def value_product(index: GraphIndex, softmax: onnx.NodeProto) -> onnx.NodeProto | None:
+    """MatMul(p, v) reading the weights (softmax or relu^2), possibly through the NaN guard of fully masked rows."""
+    frontier = [weights_output(index, softmax)]
+    for _ in range(4):
+        nxt = []
+        for t in frontier:
+            for user in index.consumers.get(t, []):
+                if user.op_type == "MatMul" and user.input[0] == t:
+                    return user
+                if user.op_type in GUARD_OPS:
+                    nxt.extend(user.output)
+        frontier = nxt
+    return None
