@@ -246,7 +246,7 @@ def test_scaled_scores_fuse_with_the_new_scale():
                                lambda n, v: n.op_type == "Mul" and v.size == 1 and v.dtype.kind == "f")
     assert len(scalings) == 2  # the sparse rows' scores and the global rows' scores
     for node, slot, value in scalings:
-        rewire(model, node, slot, value * 2, "scale")
+        rewire(model, node, slot, value * np.asarray(2, value.dtype), "scale")
     outcome, fused, report = fuse_or_refuse("bigbird", model)
     assert outcome == "written" and report.all_fused
     scales = sorted(layer.attributes["scale"] for layer in report.layers)
