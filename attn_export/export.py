@@ -28,7 +28,8 @@ def export_onnx(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor]
     in the model's metadata so that passes can run the graph at valid shapes."""
     if exporter not in EXPORTERS:
         raise UserError(f"unknown exporter '{exporter}' (choose from {', '.join(EXPORTERS)})")
-    module = module.eval()
+    if module.training:  # a torch.export program's module refuses eval(); the loaders hand over eval modules
+        module.eval()
     names = list(example_inputs)
     args = tuple(example_inputs.values())
     with torch.no_grad(), _quiet():

@@ -253,7 +253,7 @@ def make_wrong_shape(path):
 
 BAD_FILES = [
     (make_missing, "no such file"),
-    (make_directory, "not a file"),
+    (make_directory, "no config.json"),
     (make_empty, "empty file"),
     (make_random, "not a model file: neither a zip archive nor a pickle"),
     (make_text, "not a model file: neither a zip archive nor a pickle"),
@@ -568,7 +568,7 @@ HOSTILE = [
     (hostile_sympy_string, "holds an unexpected string"),
     (hostile_sympy_expression_without_quotes, "calls something other than a sympy function"),
     (hostile_node_target, "which is not a torch op"),
-    (hostile_treespec, "inputs/outputs use the Python type collections.defaultdict"),
+    (hostile_treespec, "inputs use the Python type collections.defaultdict"),
     (hostile_argument_name, "which is not a plain identifier"),
     (hostile_compiled_code, "unexpected entry 'data/aotinductor/model/model.so'"),
     (hostile_custom_object, "unexpected entry 'data/constants/custom_obj_0'"),
@@ -625,7 +625,8 @@ def test_pt2_with_shape_arithmetic_loads(tmp_path):
 
 
 def test_loaded_graph_calling_a_python_function_is_refused(tagger_pt2):
-    from attn_export.loading import _LoadError, _vet_program
+    from attn_export.loading.common import LoadError as _LoadError
+    from attn_export.loading.pt2_vetting import vet_program as _vet_program
 
     program = torch.export.load(tagger_pt2[0])  # a file we made: safe to load directly
     node = next(n for n in program.graph.nodes if n.op == "call_function")
