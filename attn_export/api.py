@@ -45,6 +45,7 @@ class BuildResult:
     fusion: FusionReport
     parity: list[ParityResult] = field(default_factory=list)
     engine: dict = field(default_factory=lambda: {"path": None, "reason": ""})
+    notes: list[str] = field(default_factory=list)  # e.g. an exporter fallback
 
     @property
     def ok(self) -> bool:
@@ -52,16 +53,37 @@ class BuildResult:
 
     def as_dict(self) -> dict:
         return {"fusion": self.fusion.as_dict(), "parity": [row for p in self.parity for row in p.as_dicts()],
-                "engine": self.engine}
+                "engine": self.engine, "notes": self.notes}
 
 
 def export(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], path: str | Path, *,
            dynamic_axes: dict[str, dict[int, str]] | None = None, exporter: str = "dynamo",
-           probe_shapes: list[dict[str, list[int]]] | None = None) -> onnx.ModelProto:
-    """Export to `path` (written atomically) and return the graph."""
-    model = export_onnx(module, example_inputs, dynamic_axes=dynamic_axes, exporter=exporter,
-                        probe_shapes=probe_shapes)
+           probe_shapes: list[dict[str, list[int]]] | None = None, output_names: list[str] | None = None,
+           notes: list[str] | None = None) -> onnx.ModelProto:
+    """Export to `path` (written atomically) and return the graph. exporter="auto" tries dynamo, then TorchScript;
+    a fallback is said in one line appended to `notes`."""
+    model = export_auto(module, example_inputs, dynamic_axes=dynamic_axes, exporter=exporter,
+                        probe_shapes=probe_shapes, output_names=output_names, notes=notes)
     save_onnx(model, path)
+    return model
+
+
+def export_auto(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], *, exporter: str = "auto",
+                notes: list[str] | None = None, **options) -> onnx.ModelProto:
+    """export_onnx with `exporter` "dynamo", "torchscript" or "auto": dynamo first, and TorchScript when dynamo
+    fails (HF BigBird with an attention mask, for one, does not export with dynamo on torch 2.13)."""
+    if exporter != "auto":
+        return export_onnx(module, example_inputs, exporter=exporter, **options)
+    try:
+        return export_onnx(module, example_inputs, exporter="dynamo", **options)
+    except UserError as e:
+        dynamo_error = str(e)
+    try:
+        model = export_onnx(module, example_inputs, exporter="torchscript", **options)
+    except UserError as e:
+        raise UserError(f"{dynamo_error}; and {e}") from None
+    if notes is not None:
+        notes.append(f"used the TorchScript exporter: {dynamo_error}"[:300])
     return model
 
 
@@ -105,7 +127,7 @@ def build(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], out_
           dynamic_axes: dict[str, dict[int, str]] | None = None,
           parity_inputs: list[tuple[str, dict[str, torch.Tensor]]] | None = None, exporter: str = "dynamo",
           atol: float | None = None, rtol: float | None = None, engine: bool = True,
-          precision: str = "fp32", profiles: ProfileRequest | None = None,
+          precision: str = "fp32", profiles: ProfileRequest | None = None, output_names: list[str] | None = None,
           progress: Callable[[str], None] = lambda message: None) -> BuildResult:
     """export -> fuse -> parity (torch vs both graphs on onnxruntime) -> TensorRT engine where TensorRT exists,
     and its parity against torch. Writes out_dir/model.onnx, model.fused.onnx, report.json (and model.plan with
@@ -117,19 +139,20 @@ def build(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], out_
     if len(shapes) < 2:
         shapes = shapes * 2  # a fixed-shape graph is probed twice at its one shape (different random values)
     progress("exporting to ONNX")
+    notes: list[str] = []
     reference = export(module, example_inputs, out_dir / "model.onnx", dynamic_axes=dynamic_axes,
-                       exporter=exporter, probe_shapes=shapes)
+                       exporter=exporter, probe_shapes=shapes, output_names=output_names, notes=notes)
     # checked against the graph's inputs now, so a wrong --opt-shapes fails before fusing and parity
     engine_profiles = profiles.resolve(model_inputs(reference), dynamic_axes) if profiles else None
     progress("fusing attention")
     fused, report = fuse(reference, out_dir / "model.fused.onnx")
-    result = BuildResult(out_dir, report)
+    result = BuildResult(out_dir, report, notes=notes)
 
     progress("checking parity against torch")
     names = list(example_inputs)
     feeds = [(label, {n: t.numpy() for n, t in inputs.items()}) for label, inputs in parity_inputs]
     runners = [OnnxRuntimeRunner(reference, "model.onnx"), OnnxRuntimeRunner(fused, "model.fused.onnx")]
-    torch_runner = TorchRunner(module, "torch eager", names)
+    torch_runner = TorchRunner(module, "torch eager", names, output_names=output_names)
     result.parity = check(torch_runner, runners, feeds, atol=atol, rtol=rtol)
 
     if engine:

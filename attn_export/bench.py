@@ -99,7 +99,9 @@ class Case:
 
 
 def torch_case(module: torch.nn.Module, input_names: list[str], device: str, dtype: str) -> Case:
-    module = module.eval().to(device)
+    if module.training:  # a torch.export program's module refuses eval(); loaded models are in eval already
+        module.eval()
+    module = module.to(device)
     if dtype != "fp32":
         module = module.to(TORCH_DTYPES[dtype])
 

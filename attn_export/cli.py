@@ -19,6 +19,7 @@ def cli():
     Typical use:
       attn-export zoo create bigbird -o model.pt
       attn-export build model.pt -o out/
+    MODEL may also be a torch.export program (.pt2) or a Hugging Face model folder.
     """
 
 
@@ -84,8 +85,12 @@ def _parse_overrides(pairs) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------------- export
-EXPORTER = click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo",
-                        show_default=True, help="torch.onnx exporter.")
+EXPORTER = click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto",
+                        show_default=True,
+                        help="torch.onnx exporter; auto: dynamo, or TorchScript (said in one line) where dynamo fails.")
+TASK = click.option("--task", type=click.Choice(["base", "sequence-classification", "token-classification",
+                                                 "masked-lm", "question-answering", "image-classification"]),
+                    help="Hugging Face folders: the head to load [default: from config.architectures].")
 STATIC = click.option("--static", is_flag=True, help="Fix every axis to the example shape (no dynamic axes).")
 
 
@@ -95,21 +100,26 @@ STATIC = click.option("--static", is_flag=True, help="Fix every axis to the exam
               help="ONNX file to write.")
 @EXPORTER
 @STATIC
-def export_cmd(model, output, exporter, static):
-    """Export MODEL (a zoo checkpoint or a torch.export .pt2) to a reference ONNX graph of standard ops."""
+@TASK
+def export_cmd(model, output, exporter, static, task):
+    """Export MODEL to a reference ONNX graph of standard ops.
+
+    MODEL is a zoo checkpoint (.pt), a torch.export program (.pt2) or a Hugging Face model folder."""
     from . import api
     from .loading import load_model
 
-    loaded = load_model(model)
+    loaded = load_model(model, task=task)
+    notes: list[str] = []
     graph = api.export(loaded.module, loaded.example_inputs(), output, exporter=exporter,
                        dynamic_axes=None if static else loaded.dynamic_axes,
-                       probe_shapes=_probe_shapes(loaded, static))
-    click.echo(f"wrote {output} ({len(graph.graph.node)} nodes, {exporter} exporter)")
+                       probe_shapes=_probe_shapes(loaded, static), output_names=loaded.output_names, notes=notes)
+    for note in notes:
+        click.echo(f"export: {note}")
+    click.echo(f"wrote {output} ({len(graph.graph.node)} nodes)")
 
 
 def _probe_shapes(loaded, static: bool):
-    lengths = [None] if static else loaded.parity_seq_lens()
-    return [{n: list(t.shape) for n, t in loaded.example_inputs(seq_len=n).items()} for n in lengths]
+    return [{n: list(t.shape) for n, t in inputs.items()} for _, inputs in loaded.parity_inputs(static)]
 
 
 # ---------------------------------------------------------------------------------------------------- fuse
@@ -144,12 +154,14 @@ def fuse_cmd(model, output, report_path, strict):
 @click.option("--rtol", type=float, help="Relative tolerance (default: by dtype, 1e-3 for float32).")
 @click.option("--seq-len", "seq_lens", multiple=True, type=click.IntRange(min=1),
               help="Sequence length(s) to check at (default: the model's parity lengths).")
-def check_cmd(models, graphs, atol, rtol, seq_lens):
+@TASK
+def check_cmd(models, graphs, atol, rtol, seq_lens, task):
     """Compare outputs: a torch model against each --onnx graph, or ONNX graphs against the first one.
 
     \b
       attn-export check model.pt --onnx model.onnx --onnx model.fused.onnx
       attn-export check a.onnx b.onnx
+    The torch model is a zoo checkpoint (.pt), a torch.export program (.pt2) or a Hugging Face model folder.
     An element fails when both its absolute and relative errors exceed the tolerances. Exit 1 on failure.
     """
     from . import api
@@ -158,18 +170,18 @@ def check_cmd(models, graphs, atol, rtol, seq_lens):
     from .passes.probe import probe_shapes, random_inputs
     from .report import console, parity_table
 
-    if models[0].suffix in (".pt", ".pt2"):
+    if models[0].is_dir() or models[0].suffix != ".onnx":
         if len(models) > 1:
             raise UserError("give one torch model; pass graphs with --onnx")
         if not graphs:
             raise UserError("nothing to compare: pass one or more graphs with --onnx")
         from .loading import load_model
 
-        loaded = load_model(models[0])
-        lengths = list(seq_lens) or (loaded.parity_seq_lens() if loaded.dynamic_axes else [None])
-        feeds = [(f"seq_len={n or loaded.example_seq_len}",
-                  {k: v.numpy() for k, v in loaded.example_inputs(seq_len=n).items()}) for n in lengths]
-        reference = TorchRunner(loaded.module, str(models[0]), loaded.input_names)
+        loaded = load_model(models[0], task=task)
+        sets = ([(f"seq_len={n}", loaded.example_inputs(seq_len=n)) for n in seq_lens] if seq_lens
+                else loaded.parity_inputs(static=not loaded.dynamic_axes))
+        feeds = [(label, {k: v.numpy() for k, v in inputs.items()}) for label, inputs in sets]
+        reference = TorchRunner(loaded.module, str(models[0]), loaded.input_names, output_names=loaded.output_names)
         candidates = [OnnxRuntimeRunner(load_onnx(g), str(g)) for g in graphs]
     else:
         if len(models) + len(graphs) < 2:
@@ -210,26 +222,32 @@ def check_cmd(models, graphs, atol, rtol, seq_lens):
 @click.option("--max-shapes", multiple=True, metavar="NAME:DIMS,...", help="Optimization profile maximum.")
 @click.option("--seq-lens", "seq_len_buckets", metavar="N,N,...",
               help="Sequence-length buckets, one optimization profile each (e.g. 128,512,2048).")
+@TASK
 def build_cmd(model, out_dir, exporter, static, atol, rtol, strict, no_engine, precision, min_shapes, opt_shapes,
-              max_shapes, seq_len_buckets):
+              max_shapes, seq_len_buckets, task):
     """Export, fuse, check parity and (where TensorRT and a GPU exist) build an engine and check its parity,
-    all in one go. Without profile options the engine's profile spans the parity lengths."""
+    all in one go. Without profile options the engine's profile spans the parity lengths.
+
+    \b
+    MODEL is a zoo checkpoint (.pt), a torch.export program (.pt2) or a Hugging Face model folder:
+      attn-export build ./my-bert -o out/"""
     from . import api
     from .backends.tensorrt_profiles import ProfileRequest
     from .loading import load_model
     from .report import console, fusion_table, parity_table
 
-    loaded = load_model(model)
+    loaded = load_model(model, task=task)
     profiles = ProfileRequest.from_options(min_shapes, opt_shapes, max_shapes, seq_len_buckets,
                                            batch=getattr(loaded, "example_batch", None) or 1)
-    lengths = [None] if static else loaded.parity_seq_lens()
-    parity_inputs = [(f"seq_len={n or loaded.example_seq_len}", loaded.example_inputs(seq_len=n)) for n in lengths]
+    parity_inputs = loaded.parity_inputs(static)
     with console.status("building") as status:
         result = api.build(loaded.module, loaded.example_inputs(), out_dir,
                            dynamic_axes=None if static else loaded.dynamic_axes, parity_inputs=parity_inputs,
                            exporter=exporter, atol=atol, rtol=rtol, engine=not no_engine, precision=precision,
-                           profiles=None if profiles.empty else profiles,
+                           profiles=None if profiles.empty else profiles, output_names=loaded.output_names,
                            progress=lambda message: status.update(message))
+    for note in result.notes:
+        click.echo(f"export: {note}")
     console.print(fusion_table(result.fusion))
     console.print(parity_table(result.parity))
     engine = result.engine
@@ -273,8 +291,10 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the records as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a PNG of median latency against sequence length.")
-def bench_cmd(model, backends, seq_lens, batch, dtype, device, warmup, iters, json_path, plot_path):
+@TASK
+def bench_cmd(model, backends, seq_lens, batch, dtype, device, warmup, iters, json_path, plot_path, task):
     """Time MODEL on each backend at each sequence length: latency min/mean/median/p90/p95/p99, throughput, memory.
+    MODEL is a zoo checkpoint (.pt), a torch.export program (.pt2) or a Hugging Face model folder.
 
     \b
       attn-export bench model.pt --backends torch,onnxruntime --seq-lens 1024,4096 --json bench.json --plot bench.png
@@ -286,7 +306,6 @@ def bench_cmd(model, backends, seq_lens, batch, dtype, device, warmup, iters, js
     from rich.progress import Progress
 
     from . import api, bench
-    from .export import export_onnx
     from .atomic import write_json
     from .loading import load_model
     from .report import bench_table, console
@@ -296,13 +315,13 @@ def bench_cmd(model, backends, seq_lens, batch, dtype, device, warmup, iters, js
         raise UserError("--batch and --iters must be at least 1, --warmup at least 0")
     device = bench.resolve_device(device)
     bench.check_request(backend_names, dtype, device)
-    loaded = load_model(model)
+    loaded = load_model(model, task=task)
     lengths = _int_list(seq_lens, "--seq-lens")
     if lengths is None:
         lengths = [n for n in (1024, 4096) if _allowed(loaded, n)] or [loaded.example_seq_len]
     for n in lengths:
         loaded.check_seq_len(n)
-    if not loaded.dynamic_axes and lengths != [loaded.example_seq_len]:
+    if not loaded.seq_axis_dynamic and lengths != [loaded.example_seq_len]:
         raise UserError(f"{model}: the sequence axis is fixed at {loaded.example_seq_len}; bench that length only")
 
     def inputs_for(n):
@@ -315,8 +334,9 @@ def bench_cmd(model, backends, seq_lens, batch, dtype, device, warmup, iters, js
             cases.append(bench.torch_case(loaded.module, loaded.input_names, device, dtype))
         if "onnxruntime" in backend_names or "tensorrt" in backend_names:
             progress.update(task, description="exporting and fusing")
-            reference = export_onnx(loaded.module, loaded.example_inputs(), dynamic_axes=loaded.dynamic_axes or None,
-                                    probe_shapes=_probe_shapes(loaded, False))  # in memory: nothing to keep
+            reference = api.export_auto(loaded.module, loaded.example_inputs(),  # in memory: nothing to keep
+                                        dynamic_axes=loaded.dynamic_axes or None, output_names=loaded.output_names,
+                                        probe_shapes=_probe_shapes(loaded, False))
             fused, _ = api.fuse(reference)
             if "onnxruntime" in backend_names:
                 cases += [bench.onnxruntime_case(reference, "model.onnx", device),

@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -108,8 +109,11 @@ def _dynamic_shapes(names, dynamic_axes):
 
 
 def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    """The first line of the innermost cause: torch.onnx wraps the real reason in "Failed to export ... step 1/3"."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 @contextlib.contextmanager

@@ -87,21 +87,28 @@ class LoadedModel:
         return list(self.spec.parity_seq_lens())
 
     def parity_inputs(self, static: bool = False) -> list[tuple[str, dict[str, torch.Tensor]]]:
-        """Labelled input sets to check parity with: the parity lengths, or, for a model without a sequence axis
-        (vision), two batch sizes when the batch is dynamic; only the example when `static`."""
+        """Labelled input sets to check parity with: the parity lengths; or, where the sequence is fixed or absent
+        (a length-specialised graph, vision), two batch sizes when the batch is dynamic; only the example when
+        `static`."""
         if static:
             return [(self._label(None, None), self.example_inputs())]
         lengths = self.parity_seq_lens()
-        if lengths:
+        if len(lengths) >= 2:
             return [(f"seq_len={n}", self.example_inputs(seq_len=n)) for n in lengths]
+        seq_len = lengths[0] if lengths else None
         batch_dynamic = any(0 in axes for axes in self.dynamic_axes.values())
-        batches = sorted({1, self.example_batch, 2}) if batch_dynamic else [self.example_batch]
-        return [(f"batch={b}", self.example_inputs(batch=b)) for b in batches[:2]]
+        batches = sorted({1, self.example_batch, 2})[:2] if batch_dynamic else [self.example_batch]
+        return [(self._label(seq_len, b), self.example_inputs(seq_len=seq_len, batch=b)) for b in batches]
+
+    @property
+    def seq_axis_dynamic(self) -> bool:
+        return any(1 in axes for axes in self.dynamic_axes.values()) and self.example_seq_len is not None
 
     def _label(self, seq_len, batch) -> str:
-        if self.example_seq_len is not None:
-            return f"seq_len={seq_len or self.example_seq_len}"
-        return f"batch={batch or self.example_batch}"
+        batch = f"batch={batch or self.example_batch}"
+        if self.example_seq_len is None:
+            return batch
+        return f"seq_len={seq_len or self.example_seq_len}" + ("" if self.seq_axis_dynamic else f" {batch}")
 
 
 class OverBudget(Exception):
