@@ -59,32 +59,39 @@ class BuildResult:
 def export(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], path: str | Path, *,
            dynamic_axes: dict[str, dict[int, str]] | None = None, exporter: str = "dynamo",
            probe_shapes: list[dict[str, list[int]]] | None = None, output_names: list[str] | None = None,
-           notes: list[str] | None = None) -> onnx.ModelProto:
+           notes: list[str] | None = None, prefer: tuple[str, str] | None = None) -> onnx.ModelProto:
     """Export to `path` (written atomically) and return the graph. exporter="auto" tries dynamo, then TorchScript;
     a fallback is said in one line appended to `notes`."""
     model = export_auto(module, example_inputs, dynamic_axes=dynamic_axes, exporter=exporter,
-                        probe_shapes=probe_shapes, output_names=output_names, notes=notes)
+                        probe_shapes=probe_shapes, output_names=output_names, notes=notes, prefer=prefer)
     save_onnx(model, path)
     return model
 
 
 def export_auto(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], *, exporter: str = "auto",
-                notes: list[str] | None = None, **options) -> onnx.ModelProto:
-    """export_onnx with `exporter` "dynamo", "torchscript" or "auto": dynamo first, and TorchScript when dynamo
-    fails (HF BigBird with an attention mask, for one, does not export with dynamo on torch 2.13)."""
+                notes: list[str] | None = None, prefer: tuple[str, str] | None = None, **options) -> onnx.ModelProto:
+    """export_onnx with `exporter` "dynamo", "torchscript" or "auto": dynamo first, TorchScript when dynamo
+    fails. `prefer` = (exporter, why) puts the loader's choice for this model first (HF BigBird: dynamo fails on
+    it). Under "auto" a choice other than dynamo is said in one line appended to `notes`."""
     if exporter != "auto":
         return export_onnx(module, example_inputs, exporter=exporter, **options)
+    first, why = prefer or ("dynamo", "")
+    second = "torchscript" if first == "dynamo" else "dynamo"
     try:
-        return export_onnx(module, example_inputs, exporter="dynamo", **options)
+        model = export_onnx(module, example_inputs, exporter=first, **options)
+        note = f"used the {_EXPORTER_NAMES[first]} exporter: {why}" if first != "dynamo" else None
     except UserError as e:
-        dynamo_error = str(e)
-    try:
-        model = export_onnx(module, example_inputs, exporter="torchscript", **options)
-    except UserError as e:
-        raise UserError(f"{dynamo_error}; and {e}") from None
-    if notes is not None:
-        notes.append(f"used the TorchScript exporter: {dynamo_error}"[:300])
+        try:
+            model = export_onnx(module, example_inputs, exporter=second, **options)
+        except UserError as e2:
+            raise UserError(f"{e}; and {e2}") from None
+        note = f"used the {_EXPORTER_NAMES[second]} exporter: {e}"
+    if note and notes is not None:
+        notes.append(note[:300])
     return model
+
+
+_EXPORTER_NAMES = {"dynamo": "dynamo", "torchscript": "TorchScript"}
 
 
 def fuse(model: onnx.ModelProto | str | Path, output: str | Path | None = None) -> tuple[onnx.ModelProto, FusionReport]:
@@ -128,7 +135,7 @@ def build(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], out_
           parity_inputs: list[tuple[str, dict[str, torch.Tensor]]] | None = None, exporter: str = "dynamo",
           atol: float | None = None, rtol: float | None = None, engine: bool = True,
           precision: str = "fp32", profiles: ProfileRequest | None = None, output_names: list[str] | None = None,
-          progress: Callable[[str], None] = lambda message: None) -> BuildResult:
+          prefer_exporter: tuple[str, str] | None = None, progress: Callable[[str], None] = lambda message: None) -> BuildResult:
     """export -> fuse -> parity (torch vs both graphs on onnxruntime) -> TensorRT engine where TensorRT exists,
     and its parity against torch. Writes out_dir/model.onnx, model.fused.onnx, report.json (and model.plan with
     model.json, its manifest). `precision` is the engine's (fp32, fp16, bf16); `profiles` the optimization profiles
@@ -141,7 +148,8 @@ def build(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], out_
     progress("exporting to ONNX")
     notes: list[str] = []
     reference = export(module, example_inputs, out_dir / "model.onnx", dynamic_axes=dynamic_axes,
-                       exporter=exporter, probe_shapes=shapes, output_names=output_names, notes=notes)
+                       exporter=exporter, probe_shapes=shapes, output_names=output_names, notes=notes,
+                       prefer=prefer_exporter)
     # checked against the graph's inputs now, so a wrong --opt-shapes fails before fusing and parity
     engine_profiles = profiles.resolve(model_inputs(reference), dynamic_axes) if profiles else None
     progress("fusing attention")

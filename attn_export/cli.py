@@ -112,7 +112,8 @@ def export_cmd(model, output, exporter, static, task):
     notes: list[str] = []
     graph = api.export(loaded.module, loaded.example_inputs(), output, exporter=exporter,
                        dynamic_axes=None if static else loaded.dynamic_axes,
-                       probe_shapes=_probe_shapes(loaded, static), output_names=loaded.output_names, notes=notes)
+                       probe_shapes=_probe_shapes(loaded, static), output_names=loaded.output_names, notes=notes,
+                       prefer=loaded.exporter_hint)
     for note in notes:
         click.echo(f"export: {note}")
     click.echo(f"wrote {output} ({len(graph.graph.node)} nodes)")
@@ -245,7 +246,7 @@ def build_cmd(model, out_dir, exporter, static, atol, rtol, strict, no_engine, p
                            dynamic_axes=None if static else loaded.dynamic_axes, parity_inputs=parity_inputs,
                            exporter=exporter, atol=atol, rtol=rtol, engine=not no_engine, precision=precision,
                            profiles=None if profiles.empty else profiles, output_names=loaded.output_names,
-                           progress=lambda message: status.update(message))
+                           prefer_exporter=loaded.exporter_hint, progress=lambda message: status.update(message))
     for note in result.notes:
         click.echo(f"export: {note}")
     console.print(fusion_table(result.fusion))
@@ -336,7 +337,7 @@ def bench_cmd(model, backends, seq_lens, batch, dtype, device, warmup, iters, js
             progress.update(task, description="exporting and fusing")
             reference = api.export_auto(loaded.module, loaded.example_inputs(),  # in memory: nothing to keep
                                         dynamic_axes=loaded.dynamic_axes or None, output_names=loaded.output_names,
-                                        probe_shapes=_probe_shapes(loaded, False))
+                                        probe_shapes=_probe_shapes(loaded, False), prefer=loaded.exporter_hint)
             fused, _ = api.fuse(reference)
             if "onnxruntime" in backend_names:
                 cases += [bench.onnxruntime_case(reference, "model.onnx", device),

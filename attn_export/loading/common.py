@@ -59,6 +59,7 @@ class LoadedModel:
     example_seq_len: int | None  # None: no sequence axis (vision)
     spec: InputSpec
     output_names: list[str] | None = None  # as the model names them; None: the exporter's defaults
+    exporter_hint: tuple[str, str] | None = None  # (exporter, why) to try first under --exporter auto
     # the program itself, for .pt2 files. Its guards code is dropped (it would be exec'd by .module()); use
     # `module` to run it.
     exported_program: torch.export.ExportedProgram | None = None

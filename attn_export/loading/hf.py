@@ -71,7 +71,8 @@ def load_hf_folder(folder: Path, task: str | None) -> LoadedModel:
                         f"example inputs {_shapes(example)}")
     return LoadedModel(module=wrapper, arch=cls.__name__, config=config, entry=None, source=folder,
                        input_names=list(inputs.names), dynamic_axes=inputs.dynamic_axes(), example_batch=EXAMPLE_BATCH,
-                       example_seq_len=inputs.example_seq_len, spec=inputs, output_names=list(wrapper.output_names))
+                       example_seq_len=inputs.example_seq_len, spec=inputs, output_names=list(wrapper.output_names),
+                       exporter_hint=_exporter_hint(config))
 
 
 def _import_transformers():
@@ -267,6 +268,13 @@ class TextModelOutputs(NamedOutputs):
 class ImageModelOutputs(NamedOutputs):
     def forward(self, pixel_values):
         return self._call(pixel_values=pixel_values)
+
+
+def _exporter_hint(config) -> tuple[str, str] | None:
+    if config.model_type == "big_bird" and getattr(config, "attention_type", None) == "block_sparse":
+        # torch 2.13's dynamo export traces it, then fails decomposing (aten.sub.Tensor) after a long trace
+        return "torchscript", "the dynamo exporter fails on HF BigBird's block-sparse attention"
+    return None
 
 
 def _input_spec(model, config):
