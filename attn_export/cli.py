@@ -171,7 +171,7 @@ def check_cmd(models, graphs, atol, rtol, seq_lens, task):
     from .passes.probe import probe_shapes, random_inputs
     from .report import console, parity_table
 
-    if models[0].is_dir() or models[0].suffix != ".onnx":
+    if models[0].suffix != ".onnx":  # a zoo checkpoint, a .pt2 or a Hugging Face folder
         if len(models) > 1:
             raise UserError("give one torch model; pass graphs with --onnx")
         if not graphs:
@@ -319,7 +319,8 @@ def bench_cmd(model, backends, seq_lens, batch, dtype, device, warmup, iters, js
     loaded = load_model(model, task=task)
     lengths = _int_list(seq_lens, "--seq-lens")
     if lengths is None:
-        lengths = [n for n in (1024, 4096) if _allowed(loaded, n)] or [loaded.example_seq_len]
+        lengths = [n for n in (1024, 4096) if loaded.seq_axis_dynamic and _allowed(loaded, n)] or \
+            [loaded.example_seq_len]
     for n in lengths:
         loaded.check_seq_len(n)
     if not loaded.seq_axis_dynamic and lengths != [loaded.example_seq_len]:

@@ -157,6 +157,13 @@ def test_bert_torch_export_program_builds(capsys, tmp_path, bert_folder):
     assert len({r["inputs"] for r in report["parity"]}) >= 2
     inputs, _ = graph_io(tmp_path / "out" / "model.onnx")
     assert inputs == ["input_ids", "attention_mask"]
+    # check and bench take the program too (one timed call each: this tests that it runs, not its speed)
+    assert run(capsys, "check", path, "--onnx", tmp_path / "out" / "model.fused.onnx")[0] == 0
+    code, out, err = run(capsys, "bench", path, "--seq-lens", "16", "--iters", "1", "--warmup", "0",
+                         "--backends", "torch", "--json", tmp_path / "bench.json")
+    assert code == 0, out + err
+    records = json.loads((tmp_path / "bench.json").read_text())["records"]
+    assert [r["seq_len"] for r in records] == [16]
 
     class Dicts(Tensors):
         def forward(self, input_ids, attention_mask):

@@ -26,7 +26,10 @@ class TorchRunner(Runner):
         args = [torch.from_numpy(np.asarray(feeds[n])).to(self.device) for n in self.input_names]
         with torch.no_grad():
             out = self.module(*args)
-        outs = out if isinstance(out, (tuple, list)) else [out]
-        names = self.output_names if self.output_names and len(self.output_names) == len(outs) else \
-            [f"output_{i}" for i in range(len(outs))]
+        if isinstance(out, dict):  # a torch.export program that returns a dict: its keys name the outputs
+            names, outs = [str(k) for k in out], list(out.values())
+        else:
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            names = self.output_names if self.output_names and len(self.output_names) == len(outs) else \
+                [f"output_{i}" for i in range(len(outs))]
         return {name: o.detach().cpu().numpy() for name, o in zip(names, outs)}

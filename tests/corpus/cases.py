@@ -150,7 +150,7 @@ def make_weights_of_another_config(path, marker, base):
 
 CHECKPOINTS = [
     (make_missing, "no such file"),
-    (make_folder, "not a file"),
+    (make_folder, "not a Hugging Face model folder (no config.json in it)"),
     (make_empty, "empty file"),
     (make_random_bytes, "not a model file: neither a zip archive nor a pickle"),
     (copy_static("html_error_page.txt"), "not a model file"),
