@@ -135,7 +135,8 @@ def build(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], out_
           parity_inputs: list[tuple[str, dict[str, torch.Tensor]]] | None = None, exporter: str = "dynamo",
           atol: float | None = None, rtol: float | None = None, engine: bool = True,
           precision: str = "fp32", profiles: ProfileRequest | None = None, output_names: list[str] | None = None,
-          prefer_exporter: tuple[str, str] | None = None, progress: Callable[[str], None] = lambda message: None) -> BuildResult:
+          prefer_exporter: tuple[str, str] | None = None,
+          progress: Callable[[str], None] = lambda message: None) -> BuildResult:
     """export -> fuse -> parity (torch vs both graphs on onnxruntime) -> TensorRT engine where TensorRT exists,
     and its parity against torch. Writes out_dir/model.onnx, model.fused.onnx, report.json (and model.plan with
     model.json, its manifest). `precision` is the engine's (fp32, fp16, bf16); `profiles` the optimization profiles

@@ -50,6 +50,11 @@ SHORTEST_PARITY_LEN = 8
 
 def load_hf_folder(folder: Path, task: str | None) -> LoadedModel:
     transformers = _import_transformers()
+    with _quiet_transformers():
+        return _load(transformers, folder, task)
+
+
+def _load(transformers, folder: Path, task: str | None) -> LoadedModel:
     values = _read_config(folder)
     config = _make_config(transformers, values)
     task, cls = _model_class(transformers, config, values, task)
@@ -80,8 +85,6 @@ def _import_transformers():
         import transformers
     except ImportError:
         raise LoadError("a Hugging Face model folder needs transformers: pip install 'attn-export[hf]'") from None
-    transformers.logging.set_verbosity_error()  # its load notices and progress bars are for its own users
-    transformers.logging.disable_progress_bar()
     return transformers
 
 
@@ -206,12 +209,12 @@ def _from_pretrained(cls, folder: Path, config, weights: _Weights, task: str):
     kwargs = dict(config=config, local_files_only=True, trust_remote_code=False, use_safetensors=weights.safetensors,
                   weights_only=True, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
     try:
-        with warnings.catch_warnings(), _quiet_transformers():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model, info = cls.from_pretrained(folder, **kwargs)
     except Exception as e:  # truncated files, mismatched shapes, unreadable pickles: all say what in their text
         text = one_line(e)
-        if "size mismatch" in text or "mismatch" in text.lower():
+        if "mismatch" in text.lower():
             raise LoadError(f"weights do not match the config: {text[:240]}") from None
         raise LoadError(f"cannot read the weights ({type(e).__name__}: {text[:240]})") from None
     missing = sorted(info.get("missing_keys") or [])
@@ -225,15 +228,22 @@ def _from_pretrained(cls, folder: Path, config, weights: _Weights, task: str):
 
 
 class _quiet_transformers:
-    """transformers logs load reports through `logging`; the user sees our one line instead."""
+    """transformers logs load reports and draws progress bars for its own users; ours see our one line instead.
+    Both settings are put back afterwards (an API caller may want them)."""
 
     def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self.hf_logging, self.bars = hf_logging, hf_logging.is_progress_bar_enabled()
         self.logger = logging.getLogger("transformers")
         self.level = self.logger.level
         self.logger.setLevel(logging.CRITICAL)
+        hf_logging.disable_progress_bar()
 
     def __exit__(self, *exc):
         self.logger.setLevel(self.level)
+        if self.bars:
+            self.hf_logging.enable_progress_bar()
 
 
 # --------------------------------------------------------------------------------------------------------------
