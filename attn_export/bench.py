@@ -28,13 +28,13 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 class BenchRecord:
     backend: str
     graph: str  # "eager", "model.onnx" or "model.fused.onnx"
-    seq_len: int
+    seq_len: int | None  # None: a model without a sequence axis (vision)
     batch: int
     dtype: str
     device: str
     latency_ms: dict[str, float]  # min, mean, median, p90, p95, p99
     throughput_per_s: float  # inferences per second (trtexec: Throughput, qps)
-    tokens_per_s: float
+    tokens_per_s: float | None  # None without a sequence axis
     peak_memory_mb: float | None  # None where the backend does not expose it
     trtexec_name: str  # which trtexec figure latency_ms corresponds to
     cuda_graphs: bool = False
@@ -167,7 +167,7 @@ def run_benchmark(cases: list[Case], inputs_for: Callable[[int], dict[str, np.nd
     for seq_len in seq_lens:
         feeds = inputs_for(seq_len)
         for case in cases:
-            started(f"{case.backend}: {case.graph} at {seq_len} tokens")
+            started(f"{case.backend}: {case.graph} at {seq_len} tokens" if seq_len else f"{case.backend}: {case.graph}")
             call = case.prepare(feeds)
             sync = torch.cuda.synchronize if case.device == "cuda" and case.backend == "torch" else (lambda: None)
             samples = time_calls(call, warmup, iters, sync)
@@ -176,7 +176,7 @@ def run_benchmark(cases: list[Case], inputs_for: Callable[[int], dict[str, np.nd
             gpu_timed = case.device == "cuda" and case.backend != "onnxruntime"
             records.append(BenchRecord(
                 backend=case.backend, graph=case.graph, seq_len=seq_len, batch=batch, dtype=dtype,
-                device=case.device, latency_ms=stats, throughput_per_s=per_s, tokens_per_s=per_s * batch * seq_len,
+                device=case.device, latency_ms=stats, throughput_per_s=per_s, tokens_per_s=per_s * batch * seq_len if seq_len else None,
                 peak_memory_mb=case.peak_memory(), trtexec_name="GPU Compute Time" if gpu_timed else "Latency",
                 transfers=case.transfers, iters=iters, warmup=warmup))
             finished()
@@ -191,13 +191,15 @@ def write_plot(records: list[BenchRecord], path, title: str) -> None:
     from matplotlib import pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
+    by_length = all(r.seq_len is not None for r in records)  # else a vision model: latency per batch instead
+    x = (lambda r: r.seq_len) if by_length else (lambda r: r.batch)
     for key in dict.fromkeys((r.backend, r.graph) for r in records):
-        rows = sorted((r for r in records if (r.backend, r.graph) == key), key=lambda r: r.seq_len)
-        axes.plot([r.seq_len for r in rows], [r.latency_ms["median"] for r in rows], marker="o",
+        rows = sorted((r for r in records if (r.backend, r.graph) == key), key=x)
+        axes.plot([x(r) for r in rows], [r.latency_ms["median"] for r in rows], marker="o",
                   label=f"{key[0]}: {key[1]}")
     axes.set_xscale("log", base=2)
     axes.set_yscale("log")
-    axes.set_xlabel("sequence length (tokens)")
+    axes.set_xlabel("sequence length (tokens)" if by_length else "batch")
     axes.set_ylabel("median latency (ms)")
     axes.set_title(title)
     axes.grid(True, which="both", alpha=0.3)

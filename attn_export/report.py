@@ -39,7 +39,7 @@ def bench_table(records) -> Table:
     for r in records:
         lat = r.latency_ms
         peak = "-" if r.peak_memory_mb is None else f"{r.peak_memory_mb:.0f}"
-        table.add_row(f"{r.backend}: {r.graph}", str(r.seq_len),
+        table.add_row(f"{r.backend}: {r.graph}", "-" if r.seq_len is None else str(r.seq_len),
                       *(f"{lat[k]:.3g}" for k in ("min", "mean", "median", "p90", "p95", "p99")),
                       f"{r.throughput_per_s:.3g}", peak)
     return table

@@ -135,6 +135,12 @@ def test_vit_image_classification_builds(capsys, tmp_path):
     inputs, outputs = graph_io(tmp_path / "out" / "model.onnx")
     assert inputs == ["pixel_values"] and outputs == ["logits"]
     assert {r["inputs"] for r in report["parity"]} == {"batch=1", "batch=2"}
+    # bench: no sequence axis, so one record per backend at the given batch (tokens per second undefined)
+    code, out, err = run(capsys, "bench", tmp_path / "vit", "--iters", "1", "--warmup", "0", "--backends", "torch",
+                         "--batch", "3", "--json", tmp_path / "bench.json")
+    assert code == 0, out + err
+    records = json.loads((tmp_path / "bench.json").read_text())["records"]
+    assert [(r["seq_len"], r["batch"], r["tokens_per_s"]) for r in records] == [(None, 3, None)]
 
 
 def test_bert_torch_export_program_builds(capsys, tmp_path, bert_folder):
