@@ -189,19 +189,33 @@ def test_hostile_graph_input_name_is_refused(tagger_pt2, tmp_path):
     assert not marker.exists()
 
 
-def test_library_output_types_are_refused_with_what_to_do():
-    """A transformers ModelOutput in the out_spec would be rebuilt from the class the file names: refused, with the
-    fix; an unnamed type is refused as hostile."""
+def test_library_output_containers_are_flattened_by_name_and_other_types_refused_with_what_to_do():
+    """A transformers ModelOutput in the out_spec would be rebuilt from the class the file names: its tensors are
+    returned as a tuple instead, named by its keys; a container of another shape is refused with the fix, and an
+    unnamed type as hostile."""
     from attn_export.loading.common import LoadError
-    from attn_export.loading.pt2_vetting import _vet_treespec
+    from attn_export.loading.pt2_vetting import _flatten_library_outputs, _vet_program_json, _vet_treespec
 
     leaf = {"type": None, "context": None, "children_spec": []}
-    spec = {"type": "transformers.modeling_outputs.BaseModelOutput", "context": '["last_hidden_state"]',
-            "children_spec": [leaf]}
-    with pytest.raises(LoadError, match="outputs use the Python type transformers.modeling_outputs.BaseModelOutput; "
-                                        "export the model so that it takes and returns plain tensors .*return_dict"):
-        _vet_treespec(json.dumps([1, spec]), "outputs")
+    kind = "transformers.modeling_outputs.BaseModelOutput"
+    spec = {"type": kind, "context": '["last_hidden_state", "pooler_output"]', "children_spec": [leaf, leaf]}
+
+    def program(out_spec):
+        return {"graph_module": {"module_call_graph": [{"signature": {"out_spec": json.dumps([1, out_spec])}}]}}
+
+    flat = program(spec)
+    assert _flatten_library_outputs(flat) == ["last_hidden_state", "pooler_output"]
+    assert json.loads(flat["graph_module"]["module_call_graph"][0]["signature"]["out_spec"]) == [
+        1, {"type": "builtins.tuple", "context": "null", "children_spec": [leaf, leaf]}]
+    _vet_program_json(flat)  # plain now
+
+    for odd in ({**spec, "children_spec": [leaf]},  # keys and tensors do not pair up
+                {**spec, "context": '["a b", "c"]'},  # keys that are not names
+                {**spec, "children_spec": [leaf, {**spec, "children_spec": [leaf, leaf]}]}):  # nested
+        nested = program(odd)
+        assert _flatten_library_outputs(nested) is None
+        with pytest.raises(LoadError, match=f"outputs use the Python type {kind}; export the model so that it "
+                                            "takes and returns plain tensors .*return_dict=False"):
+            _vet_program_json(nested)
     with pytest.raises(LoadError, match="refusing to load: outputs use an unnamed Python type"):
         _vet_treespec(json.dumps([1, {**spec, "type": "os.system('x')"}]), "outputs")
-    _vet_treespec(json.dumps([1, {"type": "builtins.tuple", "context": "null", "children_spec": [leaf, leaf]}]),
-                  "outputs")

@@ -2,8 +2,11 @@
 shapes read from the program's symbols and ranges so that inputs of other lengths and batches can be made."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
+import shutil
+import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -16,13 +19,13 @@ import torch
 from attn_export.errors import UserError, one_line
 
 from .common import EXAMPLE_SEED, LoadedModel, LoadError
-from .pt2_vetting import vet_archive, vet_program
+from .pt2_vetting import VettedArchive, vet_archive, vet_program
 
 
 def load_program(path: Path) -> LoadedModel:
     try:
         with zipfile.ZipFile(path) as archive:
-            vet_archive(archive)
+            vetted = vet_archive(archive)
     except LoadError:
         raise
     except (zipfile.BadZipFile, OSError, EOFError) as e:  # damaged entries show up as we read them
@@ -30,7 +33,7 @@ def load_program(path: Path) -> LoadedModel:
     except Exception as e:  # JSON that is not what torch writes
         raise LoadError(f"malformed torch.export archive ({type(e).__name__}: {one_line(e)[:160]})") from None
     try:
-        with warnings.catch_warnings(), path.open("rb") as f:
+        with warnings.catch_warnings(), _program_file(path, vetted) as f:
             warnings.simplefilter("ignore")
             ep = torch.export.load(f)
     except Exception as e:
@@ -49,7 +52,28 @@ def load_program(path: Path) -> LoadedModel:
     return LoadedModel(module=module, arch="torch.export", config=None, entry=None, source=path,
                        input_names=shapes.names, dynamic_axes=shapes.dynamic_axes(),
                        example_batch=shapes.example_batch, example_seq_len=shapes.example_seq_len,
-                       spec=shapes, output_names=_output_names(ep), exported_program=ep)
+                       spec=shapes, output_names=vetted.output_names or _output_names(ep), exported_program=ep)
+
+
+@contextlib.contextmanager
+def _program_file(path: Path, vetted: VettedArchive):
+    """The archive as torch.export.load should read it: the file itself, or, when vetting flattened its outputs,
+    a temporary copy holding the rewritten program (entries streamed, so large weights do not sit in memory)."""
+    if vetted.program_json is None:
+        with path.open("rb") as f:
+            yield f
+        return
+    program = f"{vetted.root}/models/model.json"
+    with tempfile.TemporaryFile() as copy:
+        with zipfile.ZipFile(path) as source, zipfile.ZipFile(copy, "w", zipfile.ZIP_STORED) as target:
+            for info in source.infolist():
+                if info.filename == program:
+                    target.writestr(info, vetted.program_json)
+                    continue
+                with source.open(info) as entry, target.open(info, "w") as out:
+                    shutil.copyfileobj(entry, out, 1 << 20)
+        copy.seek(0)
+        yield copy
 
 
 def _output_names(ep) -> list[str] | None:

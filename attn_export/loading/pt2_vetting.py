@@ -27,6 +27,7 @@ import math
 import operator
 import re
 import zipfile
+from dataclasses import dataclass
 
 import torch
 
@@ -58,6 +59,7 @@ _SYMPY_NAMES = frozenset({"true", "false", "oo", "zoo", "nan", "int_oo"})
 _SYMPY_STRING_ARG = {"Symbol": _SYMBOL_NAME, "Float": _NUMBER}  # the only calls that may take a string
 _EXPR_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.Load, ast.operator,
                ast.unaryop, ast.boolop, ast.cmpop, ast.keyword)
+_TYPE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")  # a dotted class name
 _TREESPEC_TYPES = frozenset({None, "builtins.tuple", "builtins.list", "builtins.dict", "collections.OrderedDict"})
 # builtins an exported graph may call besides registered torch ops (symbolic-shape arithmetic, tuple indexing)
 _ALLOWED_FUNCTIONS = frozenset(f for f in (
@@ -77,7 +79,16 @@ def _refuse(what: str) -> LoadError:
                       "(no pickled objects, no compiled code)")
 
 
-def vet_archive(archive: zipfile.ZipFile) -> None:
+@dataclass
+class VettedArchive:
+    """What vetting found: the program's output names when its outputs were a library's container, flattened
+    to a tuple in `program_json` (the models/model.json to load instead of the archive's own)."""
+    root: str
+    output_names: list[str] | None = None
+    program_json: bytes | None = None
+
+
+def vet_archive(archive: zipfile.ZipFile) -> VettedArchive:
     """The checks made before torch.export.load sees the archive (1-8 above)."""
     names = [n for n in archive.namelist() if not n.endswith("/")]
     roots = {n.split("/", 1)[0] for n in names}
@@ -105,7 +116,32 @@ def vet_archive(archive: zipfile.ZipFile) -> None:
         torch.load(io.BytesIO(read("data/sample_inputs/model.pt")), map_location="cpu", weights_only=True)
     except Exception:
         raise _refuse("its sample inputs hold Python objects other than tensors") from None
-    _vet_program_json(json.loads(read("models/model.json")))
+    program = json.loads(read("models/model.json"))
+    output_names = _flatten_library_outputs(program)
+    _vet_program_json(program)
+    return VettedArchive(root, output_names, json.dumps(program).encode() if output_names else None)
+
+
+def _flatten_library_outputs(program) -> list[str] | None:
+    """A program whose forward returns a library's key-value container (a transformers ModelOutput: a type name,
+    its keys as context, one tensor per key) gets a plain tuple out_spec instead, in place, and the keys become the
+    output names. The type is only a name in the JSON here: it is never imported. None when there is nothing to
+    flatten (or it is not that simple shape, which _vet_treespec then judges)."""
+    try:
+        signature = program["graph_module"]["module_call_graph"][0]["signature"]
+        protocol, spec = json.loads(signature["out_spec"])
+        kind, children = spec["type"], spec["children_spec"]
+        keys = json.loads(spec["context"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    leaf = {"type": None, "context": None, "children_spec": []}
+    if (kind in _TREESPEC_TYPES or not isinstance(kind, str) or not _TYPE_NAME.fullmatch(kind)
+            or not isinstance(keys, list) or not all(isinstance(k, str) and k.isidentifier() for k in keys)
+            or not isinstance(children, list) or len(children) != len(keys) or any(c != leaf for c in children)):
+        return None
+    signature["out_spec"] = json.dumps([protocol, {"type": "builtins.tuple", "context": "null",
+                                                   "children_spec": children}])
+    return list(keys)
 
 
 def _vet_program_json(node) -> None:
@@ -182,7 +218,7 @@ def _vet_treespec(text: str, which: str) -> None:
     def walk(spec) -> None:
         if not isinstance(spec, dict) or spec.get("type") not in _TREESPEC_TYPES:
             kind = spec.get("type") if isinstance(spec, dict) else type(spec).__name__
-            if isinstance(kind, str) and re.fullmatch(r"[A-Za-z_][\w.]*", kind):
+            if isinstance(kind, str) and _TYPE_NAME.fullmatch(kind):
                 raise LoadError(f"the program's {which} use the Python type {kind}; export the model so that it "
                                 "takes and returns plain tensors (transformers: pass return_dict=False, or wrap "
                                 "the model in a module that returns a tuple) and save it again")
