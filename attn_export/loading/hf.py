@@ -64,20 +64,25 @@ def _load(transformers, folder: Path, task: str | None) -> LoadedModel:
     model.eval()
     inputs = _input_spec(model, config)
     wrapper = (ImageModelOutputs if isinstance(inputs, ImageInputs) else TextModelOutputs)(model, inputs.names)
-    attention_type = getattr(model, "attention_type", None)
+    attention_types = _attention_types(model)
     with torch.no_grad():
         example = inputs.make(inputs.example_seq_len, EXAMPLE_BATCH)
         try:
             wrapper.output_names = wrapper.named_outputs(*example.values())
         except Exception as e:  # a model that cannot run on its own config's inputs
             raise LoadError(f"the model fails on example inputs {_shapes(example)}: {one_line(e)[:200]}") from None
-    if getattr(model, "attention_type", None) != attention_type:  # BigBird switches itself to full attention
-        raise LoadError(f"the model changed its attention from {attention_type} to {model.attention_type} at "
-                        f"example inputs {_shapes(example)}")
+    if _attention_types(model) != attention_types:  # BigBird switches itself to full attention, for good
+        raise LoadError(f"the model changed its attention from {sorted(attention_types)} to "
+                        f"{sorted(_attention_types(model))} at example inputs {_shapes(example)}")
     return LoadedModel(module=wrapper, arch=cls.__name__, config=config, entry=None, source=folder,
                        input_names=list(inputs.names), dynamic_axes=inputs.dynamic_axes(), example_batch=EXAMPLE_BATCH,
                        example_seq_len=inputs.example_seq_len, spec=inputs, output_names=list(wrapper.output_names),
                        exporter_hint=_exporter_hint(config))
+
+
+def _attention_types(model) -> set[str]:
+    """The attention kinds a model's modules say they use (BigBird: block_sparse or original_full)."""
+    return {str(m.attention_type) for m in model.modules() if isinstance(getattr(m, "attention_type", None), str)}
 
 
 def _import_transformers():
