@@ -147,6 +147,10 @@ __device__ __forceinline__ float warp_sum(float x) {
 // Online-softmax reference point: the running max, or 0 while a row has seen no key (keeps -inf - -inf away).
 __device__ __forceinline__ float softmax_ref(float m) { return m == -INFINITY ? 0.f : m; }
 
+// A masked score under masked_rows "mean" (log2 units): finite, so a row of nothing else is uniform, and so low that
+// exp2(kMaskedLogit - m) is 0 next to any real score m.
+constexpr float kMaskedLogit = -1e30f;
+
 __device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752f)); }
 
 // ---- host side -------------------------------------------------------------------------------------------------
