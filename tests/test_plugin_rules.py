@@ -113,7 +113,8 @@ def test_every_field_round_trips_through_serialization(harness, op):
     fields, expected = {}, {}
     for i, a in enumerate(contract.attributes):
         if a.kind == "int":
-            value = {"causal": 1, "normalize": 0, "logits_input": 1}.get(a.name, a.default + 3 + i)  # 0/1 flags flip
+            flags = {"causal": 1, "normalize": 0, "logits_input": 1, "count_repeats": 1, "c2p": 0, "p2c": 0}
+            value = flags.get(a.name, a.default + 3 + i)  # 0/1 flags flip
             fields[a.name], expected[a.name] = f"int32:{value}", str(value)
         elif a.kind == "float":
             value = 0.375 + i
@@ -264,7 +265,7 @@ def test_optional_inputs_may_be_left_out(harness):
     ("BlockSparseAttention", {"block_size": "int32:8"}, [(1, 16, 8), (1, 16, 8), (1, 16, 8), (1, 3, 1)],
      "second axis must be sequence length / block_size = 2"),
     ("BlockSparseAttention", {}, [(1, 64, 8), (1, 32, 8), (1, 64, 8), (1, 1, 1)], "must have the query's shape"),
-    ("BlockSparseAttention", {}, [(1, 64, 8), (1, 64, 8), (1, 64, 8)], "takes 4 inputs, got 3"),
+    ("BlockSparseAttention", {}, [(1, 64, 8), (1, 64, 8), (1, 64, 8)], "takes 4 to 5 inputs, got 3"),
     ("BlockSparseAttention", {}, [(64, 8), (1, 64, 8), (1, 64, 8), (1, 1, 1)], "must have rank 3"),
     ("DenseAttention", {}, [(1, 4, 8), (1, 6, 4), (1, 6, 8)], "must match the query"),
     ("DenseAttention", {}, [(1, 4, 8), (1, 6, 8), (1, 5, 8)], "must match the key"),
