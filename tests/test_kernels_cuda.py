@@ -138,6 +138,28 @@ def test_dense_attention_broadcast_masks_and_masked_rows(case, dtype):
             torch.testing.assert_close(batch0, mean.expand_as(batch0), atol=TOLERANCE[dtype], rtol=0)
 
 
+@pytest.mark.parametrize("d", [64, 48])
+def test_finite_fill_rows_are_uniform_as_in_the_reference(d):
+    """An additive finfo(float32).min mask (BERT's) is finite: a batch row with every key masked is the mean of
+    the values, in the reference (exact softmax of equal numbers) and in the kernels (the fill must not overflow
+    to -inf when scaled to log2 units), for DenseAttention, DisentangledAttention and BlockSparse key_bias."""
+    b, h, n = 2, 2, 96
+    q, k, v = (rand(b, n, h * d, dtype=torch.float32) for _ in range(3))
+    keep = torch.ones(b, n, device="cuda")
+    keep[0] = 0
+    keep[1, 80:] = 0
+    fill = (1.0 - keep) * torch.finfo(torch.float32).min
+    out = check("DenseAttention", (q, k, v, fill[:, None, None, :]), {"num_heads": h}, torch.float32)
+    torch.testing.assert_close(out[0], v[0].mean(0).expand_as(out[0]), atol=1e-4, rtol=0)
+    rel = rand(16, h * d, dtype=torch.float32)
+    out = check("DisentangledAttention", (q, k, v, rel, rel, fill[:, None, None, :]),
+                {"num_heads": h, "span": 8, "max_position": 32}, torch.float32)
+    torch.testing.assert_close(out[0], v[0].mean(0).expand_as(out[0]), atol=1e-4, rtol=0)
+    table = hf_bigbird_table(n // 16, 2).cuda()
+    check("BlockSparseAttention", (q, k, v, table, fill),
+          {"num_heads": h, "block_size": 16, "global_blocks": 1, "count_repeats": 1}, torch.float32)
+
+
 def test_dense_attention_fp16_past_65504_keys():
     """The softmax sum passes fp16's largest value: statistics stay in fp32, nothing overflows."""
     b, h, nq, nk, d = 1, 1, 64, 70_000, 64

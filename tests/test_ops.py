@@ -90,6 +90,15 @@ def test_block_sparse_count_repeats_weighs_a_block_per_listing():
     torch.testing.assert_close(BSA.reference(q, k, v, table, key_bias, block_size=b),
                                BSA.reference(q, k, v, union, key_bias, block_size=b, count_repeats=1))
     assert not torch.allclose(out, BSA.reference(q, k, v, table, key_bias, block_size=b))
+    # a finite fill on every key (finfo.min) leaves the weights proportional to the multiplicities, as the
+    # decomposition (one softmax slot per listing) and the kernels compute it
+    fill = torch.full((1, nb * b), torch.finfo(torch.float32).min)
+    filled = BSA.reference(q, k, v, table, fill, block_size=b, count_repeats=1)
+    row1 = (2 * v[0, 0:4].sum(0) + v[0, 4:8].sum(0)) / (3 * b)  # block 0 listed twice, block 1 once
+    torch.testing.assert_close(filled[0, 4], row1, atol=1e-5, rtol=1e-5)
+    got = run_single_op(BSA, dict(block_size=b, count_repeats=1), [q.numpy(), k.numpy(), v.numpy(),
+                                                                    table.int().numpy(), fill.numpy()])
+    np.testing.assert_allclose(got, filled.numpy(), atol=1e-5, rtol=1e-4)
 
 
 def test_block_sparse_equals_dense_masked_softmax():

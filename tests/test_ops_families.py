@@ -95,6 +95,18 @@ def test_dense_mean_rows_are_what_a_finite_masked_fill_computes():
     torch.testing.assert_close(zeros[:, :4], mean[:, :4])
 
 
+def test_a_finite_fill_is_not_minus_infinity():
+    """An additive finfo.min mask is finite: a row with every key masked is uniform (what the original computes),
+    in the reference and its decomposition alike; only -inf rows follow masked_rows."""
+    q, k, v = (torch.randn(2, 5, 8) for _ in range(3))
+    fill = torch.zeros(2, 1, 1, 5)
+    fill[0] = torch.finfo(torch.float32).min
+    out = DENSE.reference(q, k, v, fill)
+    torch.testing.assert_close(out[0], v[0].mean(0).expand(5, 8))
+    got = run_single_op(DENSE, {}, [t.numpy() for t in (q, k, v, fill)])
+    np.testing.assert_allclose(got, out.numpy(), atol=1e-5, rtol=1e-4)
+
+
 def test_dense_equals_sdpa_and_masked_rows_are_zero():
     q, k, v = (torch.randn(2, 7, 2 * 8) for _ in range(3))
     bias = torch.zeros(1, 1, 7, 7)

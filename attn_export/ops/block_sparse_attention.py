@@ -64,11 +64,14 @@ def reference(query, key, value, block_index, key_bias=None, *, num_heads=1, blo
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     if key_bias is not None:
         scores = scores + key_bias.float()[:, None, None, :]
-    # a key counted r times is exp(s) r times = exp(s + log r); a key the row does not see is -inf
-    scores = torch.where(multiplicity > 0, scores + multiplicity.log(), float("-inf"))
+    # a key the row does not see is -inf; one counted r times weighs r exp(s) (renormalised after the softmax, not
+    # as s + log r, which a finite fill such as finfo.min would absorb)
+    scores = scores.masked_fill(multiplicity == 0, float("-inf"))
+    probs = torch.softmax(scores, -1) * multiplicity
+    probs = probs / probs.sum(-1, keepdim=True)
     # a row whose every score is -inf is 0/0 in softmax: zeros instead (NaN in the inputs still shows as NaN)
     dead = (scores == float("-inf")).all(-1, keepdim=True)
-    probs = torch.softmax(scores, -1).masked_fill(dead, 0.0)
+    probs = probs.masked_fill(dead, 0.0)
     out = (probs @ v.float()).to(query.dtype)
     return out.transpose(1, 2).reshape(batch, n, heads * d)
 

@@ -56,7 +56,7 @@ struct BlockSparsePolicy {
   }
   __device__ float logit(int b, int, int, int j, float qk) const {
     const float x = qk * scale_log2;
-    return key_bias ? x + to_float(key_bias[static_cast<int64_t>(b) * seq_len + j]) * kLog2e : x;
+    return key_bias ? x + bias_units(to_float(key_bias[static_cast<int64_t>(b) * seq_len + j]), kLog2e) : x;
   }
 };
 

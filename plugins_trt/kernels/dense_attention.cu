@@ -41,7 +41,7 @@ struct DensePolicy {
     if (i >= q_len || j >= kv_len) return -INFINITY;
     if (causal && j > i + diagonal) return masked_mean ? kMaskedLogit : -INFINITY;
     float x = LOGITS ? 0.f : qk * scale_units;
-    if (LOGITS || bias) x += to_float(bias[bias_offset(bias_strides, b, h, i, j)]) * kUnits;
+    if (LOGITS || bias) x += bias_units(to_float(bias[bias_offset(bias_strides, b, h, i, j)]), kUnits);
     return masked_mean && x < kMaskedLogit ? kMaskedLogit : x;  // NaN stays NaN
   }
 };

@@ -46,7 +46,7 @@ struct DisentangledPolicy {
     if (p2c) s += p2c[(plane + j) * two_span + d];
     s *= scale_log2;
     if constexpr (BIAS) {
-      s += to_float(bias[bias_offset(bias_strides, b, h, i, j)]) * kLog2e;
+      s += bias_units(to_float(bias[bias_offset(bias_strides, b, h, i, j)]), kLog2e);
       if (masked_mean && s < kMaskedLogit) s = kMaskedLogit;  // NaN stays NaN
     }
     return s;
@@ -86,8 +86,8 @@ cudaError_t attend(const DisentangledAttentionParams& p, const Workspace& ws, cu
   if constexpr (sizeof(T) == 2) {
     if (tc_attention_applies<T>(pr)) {
       switch (d) {
-        case 32: return launch_tc_attention<T, 32, 4, 64>(pr, pol, p.batch, 0, stream);
-        // with a bias, 32-key tiles at D=64: the bias gather's registers spill at 64 on sm_80
+        // with a bias, 32-key tiles at D=32 and 64: the bias gather's registers spill at 64 on sm_80
+        case 32: return launch_tc_attention<T, 32, 4, BIAS ? 32 : 64>(pr, pol, p.batch, 0, stream);
         case 64: return launch_tc_attention<T, 64, 4, BIAS ? 32 : 64>(pr, pol, p.batch, 0, stream);
         case 128: return launch_tc_attention<T, 128, 4, 32>(pr, pol, p.batch, 0, stream);
       }
