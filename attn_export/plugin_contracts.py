@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from .ops import OPS, PLUGIN_NAMESPACE, OpContract
-from .ops.dense_attention import SCORE_FNS
+from .ops.dense_attention import MASKED_ROWS, SCORE_FNS
 from .ops.linear_attention import FEATURE_MAPS
 from .ops.mixture_of_experts import ACTIVATIONS
 
@@ -29,6 +29,8 @@ HEADER = Path(__file__).resolve().parents[1] / "plugins_trt" / "trt" / "op_contr
 # The options of every string attribute, in the order the kernels' enums follow (attn_export_kernels.h).
 STRING_OPTIONS: dict[tuple[str, str], tuple[str, ...]] = {
     ("DenseAttention", "score_fn"): SCORE_FNS,
+    ("DenseAttention", "masked_rows"): MASKED_ROWS,
+    ("DisentangledAttention", "masked_rows"): MASKED_ROWS,
     ("KernelizedAttention", "feature_map"): FEATURE_MAPS,
     ("MixtureOfExperts", "activation"): ACTIVATIONS,
 }

@@ -8,8 +8,9 @@ Q_r = query_proj(P). The row each pair reads:
   delta(i, j) = clamp(bucket(i - j) + k, 0, 2k - 1)
   bucket(r) = r                                                          if |r| <= mid = m / 2
             = sign(r) (mid + ceil(log(|r| / mid) / log((L - 1) / mid) (mid - 1)))   otherwise
-with r first clamped to +-(L - 1) (L = max_relative_positions), as the official make_log_bucket_position does, so
-bucket(r) lies in [-(m - 1), m - 1]. p2c follows the official code's index convention: key j meets Q_r at delta(i, j),
+with L = max_relative_positions, exactly as transformers' DeBERTa-v2 make_log_bucket_position computes it: r is not
+clamped first (a distance past L - 1 gets a bucket past m - 1, and the clamp of delta reads the last row), and the
+arithmetic is float32 as there (the log correctly rounded). p2c follows the official code's index convention: key j meets Q_r at delta(i, j),
 the same row as c2p (the paper writes delta(j, i)), which keeps weights compatible.
 c2p and p2c are products against all 2k rows, gathered along the last axis. delta depends only on N, so it is a
 [max_seq_len, max_seq_len] buffer computed once and sliced to N: the sequence axis stays dynamic.
@@ -50,9 +51,11 @@ class DebertaConfig(EncoderConfig):
 def log_bucket(relative: torch.Tensor, buckets: int, max_position: int) -> torch.Tensor:
     """DeBERTa's bucket of each integer relative position: exact up to mid = m/2, logarithmic beyond."""
     mid = buckets // 2
-    relative = relative.clamp(-(max_position - 1), max_position - 1)
-    distance = relative.abs().clamp(min=mid).double()  # the log branch is only taken where |r| > mid
-    log_position = mid + torch.ceil(torch.log(distance / mid) / math.log((max_position - 1) / mid) * (mid - 1))
+    distance = relative.abs().clamp(min=mid).float()  # the log branch is only taken where |r| > mid
+    # float32 as transformers computes it; the log taken in double and rounded, so it is the correctly rounded one
+    ratio = torch.log((distance / mid).double()).float()
+    denominator = torch.tensor(math.log(torch.tensor((max_position - 1) / mid).item()), dtype=torch.float32)
+    log_position = mid + torch.ceil(ratio / denominator * (mid - 1))
     return torch.where(relative.abs() <= mid, relative, relative.sign() * log_position.long())
 
 

@@ -2,6 +2,7 @@
 per-(i, j) sum of the c2c, c2p and p2c terms at scale 1/sqrt(3D)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,12 +13,14 @@ from models.deberta import DisentangledAttention, log_bucket, relative_index
 
 
 def _scalar_bucket(r: int, m: int, max_position: int) -> int:
-    """The formula, one integer at a time: r clamped to +-(L - 1), exact up to mid, logarithmic beyond."""
+    """The formula, one integer at a time, as transformers' make_log_bucket_position computes it: no clamp of r,
+    exact up to mid, logarithmic beyond, in float32 steps (logs correctly rounded)."""
     mid = m // 2
-    r = max(-(max_position - 1), min(max_position - 1, r))
     if abs(r) <= mid:
         return r
-    magnitude = mid + math.ceil(math.log(abs(r) / mid) / math.log((max_position - 1) / mid) * (mid - 1))
+    f32 = np.float32
+    ratio = f32(math.log(f32(abs(r)) / f32(mid))) / f32(math.log(f32((max_position - 1) / mid)))
+    magnitude = mid + int(math.ceil(ratio * f32(mid - 1)))
     return magnitude if r > 0 else -magnitude
 
 
@@ -39,9 +42,11 @@ def test_bucket_is_exact_within_mid_logarithmic_beyond_odd_and_within_m_minus_1(
     positive = bucket[relative > mid]
     assert (positive > mid).all() and (positive[1:] >= positive[:-1]).all(), "increasing beyond mid"
     assert positive[0] == mid + 1 and (positive <= relative[relative > mid]).all(), "compressed beyond mid"
-    assert bucket.max() == m - 1 and bucket.min() == -(m - 1)
-    assert (bucket[relative >= max_position - 1] == m - 1).all(), "offsets past L - 1 share the last bucket"
-    assert len(bucket.unique()) == 2 * m - 1
+    within = relative.abs() <= max_position - 1
+    assert bucket[within].max() == m - 1 and bucket[within].min() == -(m - 1)
+    # past L - 1 transformers does not clamp: the buckets keep growing, and the clamp of delta reads the edge rows
+    assert (bucket[relative > max_position - 1] > m - 1).all()
+    assert len(bucket[within].unique()) == 2 * m - 1
 
 
 def test_relative_index_is_the_shifted_clamped_bucket_of_i_minus_j():
@@ -50,7 +55,7 @@ def test_relative_index_is_the_shifted_clamped_bucket_of_i_minus_j():
     for i in range(n):
         for j in range(n):
             assert delta[i, j] == min(max(_scalar_bucket(i - j, m, max_position) + m, 0), 2 * m - 1)
-    assert delta.min() == 1 and delta.max() == 2 * m - 1
+    assert delta.min() == 0 and delta.max() == 2 * m - 1  # row 0 past -L, as transformers reads it
     assert torch.equal(relative_index(n // 2, m, max_position), delta[: n // 2, : n // 2]), "a slice serves shorter N"
 
 

@@ -93,6 +93,73 @@ def test_dense_attention_fully_masked_rows_are_zero(dtype):
     assert (heads[:, 5] == 0).all() and (heads[:, 70:, 1] == 0).all()
 
 
+DENSE_MASKS = [  # batch, heads, q_len, kv_len, head_dim, causal, bias form, masked_rows
+    (2, 4, 77, 90, 64, "padding", 0, "zeros"),  # [B, 1, 1, Nk] read in place (issue 14 item 4)
+    (2, 4, 77, 90, 64, "padding", 0, "mean"),
+    (2, 2, 100, 100, 32, "query", 0, "mean"),  # DeBERTa-style query x key padding [B, 1, Nq, Nk]
+    (1, 2, 130, 70, 128, None, 1, "mean"),  # rows the causal mask empties average every key
+    (2, 3, 50, 61, 48, "padding", 1, "mean"),  # CUDA-core path
+    (1, 2, 65, 65, 64, "heads", 0, "mean"),  # [1, H, 1, Nk]
+]
+
+
+def masked_bias(form, b, h, nq, nk):
+    """An additive -inf/0 mask in one broadcast form; batch row 0 always has a fully masked query row or batch."""
+    if form == "padding":
+        keep = torch.rand(b, 1, 1, nk) < 0.7
+        keep[0] = False  # batch row 0 sees no key at all
+    elif form == "query":
+        keep_q, keep_k = torch.rand(b, nq) < 0.8, torch.rand(b, nk) < 0.8
+        keep_q[0, :7] = False
+        keep = (keep_q[:, :, None] & keep_k[:, None, :])[:, None]
+    elif form == "heads":
+        keep = torch.rand(1, h, 1, nk) < 0.6
+        keep[0, 0] = False
+    else:
+        return None
+    return torch.where(keep, 0.0, float("-inf")).cuda()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", DENSE_MASKS, ids=str)
+def test_dense_attention_broadcast_masks_and_masked_rows(case, dtype):
+    b, h, nq, nk, d, form, causal, masked_rows = case
+    q, k, v = rand(b, nq, h * d, dtype=dtype), rand(b, nk, h * d, dtype=dtype), rand(b, nk, h * d, dtype=dtype)
+    bias = masked_bias(form, b, h, nq, nk)
+    bias = bias.to(dtype) if bias is not None else None
+    attrs = {"num_heads": h, "causal": causal, "masked_rows": masked_rows}
+    out = check("DenseAttention", (q, k, v, bias), attrs, dtype)
+    if form == "padding":
+        batch0 = out.float()[0]
+        if masked_rows == "zeros":
+            assert (batch0 == 0).all()
+        else:
+            mean = v.float()[0].mean(0)
+            torch.testing.assert_close(batch0, mean.expand_as(batch0), atol=TOLERANCE[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("d", [64, 48])
+def test_finite_fill_rows_are_uniform_as_in_the_reference(d):
+    """An additive finfo(float32).min mask (BERT's) is finite: a batch row with every key masked is the mean of
+    the values, in the reference (exact softmax of equal numbers) and in the kernels (the fill must not overflow
+    to -inf when scaled to log2 units), for DenseAttention, DisentangledAttention and BlockSparse key_bias."""
+    b, h, n = 2, 2, 96
+    q, k, v = (rand(b, n, h * d, dtype=torch.float32) for _ in range(3))
+    keep = torch.ones(b, n, device="cuda")
+    keep[0] = 0
+    keep[1, 80:] = 0
+    fill = (1.0 - keep) * torch.finfo(torch.float32).min
+    out = check("DenseAttention", (q, k, v, fill[:, None, None, :]), {"num_heads": h}, torch.float32)
+    torch.testing.assert_close(out[0], v[0].mean(0).expand_as(out[0]), atol=1e-4, rtol=0)
+    rel = rand(16, h * d, dtype=torch.float32)
+    out = check("DisentangledAttention", (q, k, v, rel, rel, fill[:, None, None, :]),
+                {"num_heads": h, "span": 8, "max_position": 32}, torch.float32)
+    torch.testing.assert_close(out[0], v[0].mean(0).expand_as(out[0]), atol=1e-4, rtol=0)
+    table = hf_bigbird_table(n // 16, 2).cuda()
+    check("BlockSparseAttention", (q, k, v, table, fill),
+          {"num_heads": h, "block_size": 16, "global_blocks": 1, "count_repeats": 1}, torch.float32)
+
+
 def test_dense_attention_fp16_past_65504_keys():
     """The softmax sum passes fp16's largest value: statistics stay in fp32, nothing overflows."""
     b, h, nq, nk, d = 1, 1, 64, 70_000, 64
@@ -186,6 +253,43 @@ def test_block_sparse_attention(case, dtype):
         assert (rows == 0).all()
 
 
+def hf_bigbird_table(nb, random_blocks):
+    """HF BigBird's eval layout (tests/test_hf_attention_reference.py): block 0 listed 1 + r times per row."""
+    rand = [0] * random_blocks
+    rows = [[-1]] + [[0, 1, 2, nb - 1] + rand] + [[i - 1, i, i + 1, 0, nb - 1] + rand for i in range(2, nb - 2)]
+    rows += [[0, nb - 3, nb - 2, nb - 1] + rand] + [[-1]]
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int32)[None]
+
+
+SPARSE_REPEATS = [  # batch, heads, seq_len, head_dim, block_size, random blocks, key bias
+    (2, 4, 1024, 64, 64, 3, "padding"),  # BigBird-base-like blocks: tensor-core path
+    (1, 2, 512, 32, 16, 2, "finite"),
+    (2, 2, 192, 128, 32, 1, None),
+    (2, 2, 160, 48, 16, 2, "padding"),  # head dim 48: CUDA-core path
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", SPARSE_REPEATS, ids=str)
+def test_block_sparse_attention_count_repeats_and_key_bias(case, dtype):
+    b, h, n, d, bs, r, bias_kind = case
+    q, k, v = (rand(b, n, h * d, dtype=dtype) for _ in range(3))
+    table = hf_bigbird_table(n // bs, r).cuda()
+    key_bias = None
+    if bias_kind == "finite":
+        key_bias = rand(b, n, dtype=dtype)
+    elif bias_kind == "padding":  # HF's -10000 on padded keys, and one batch row with every key -inf
+        key_bias = torch.zeros(b, n, device="cuda")
+        key_bias[:, n - bs - 5:] = -10000.0
+        key_bias[-1] = float("-inf") if b > 1 else key_bias[-1]
+        key_bias = key_bias.to(dtype)
+    attrs = {"num_heads": h, "block_size": bs, "global_blocks": 1, "count_repeats": 1}
+    out = check("BlockSparseAttention", (q, k, v, table, key_bias), attrs, dtype)
+    if bias_kind == "padding" and b > 1:
+        assert (out[-1] == 0).all()
+
+
 # ---- KernelizedAttention -------------------------------------------------------------------------------------
 LINEAR = [  # batch, heads, seq_len, head_dim, features, feature_map, causal, normalize
     (2, 4, 300, 64, 256, "favor_positive", 0, 1),
@@ -230,6 +334,28 @@ def test_disentangled_attention(case, dtype):
     rel_key, rel_query = rand(2 * span, h * d, dtype=dtype), rand(2 * span, h * d, dtype=dtype)
     attrs = {"num_heads": h, "span": span, "max_position": max_position}
     check("DisentangledAttention", (q, k, v, rel_key, rel_query), attrs, dtype)
+
+
+DEBERTA_EXT = [  # batch, heads, seq_len, head_dim, span, max_position, c2p, p2c, bias form, masked_rows
+    (1, 2, 700, 64, 128, 512, 1, 1, None, "zeros"),  # N > max_position (issue 14 item 3)
+    (2, 4, 300, 64, 32, 64, 1, 1, "query", "mean"),  # HF DeBERTa's query x key padding: tensor cores, 32-key tiles
+    (2, 2, 200, 32, 16, 48, 1, 0, "padding", "mean"),
+    (1, 2, 150, 128, 16, 32, 0, 1, "query", "zeros"),
+    (2, 2, 90, 48, 8, 16, 0, 0, "query", "mean"),  # CUDA-core path
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", DEBERTA_EXT, ids=str)
+def test_disentangled_attention_terms_bias_and_long_sequences(case, dtype):
+    b, h, n, d, span, max_position, c2p, p2c, form, masked_rows = case
+    q, k, v = (rand(b, n, h * d, dtype=dtype) for _ in range(3))
+    rel_key, rel_query = rand(2 * span, h * d, dtype=dtype), rand(2 * span, h * d, dtype=dtype)
+    bias = masked_bias(form, b, h, n, n)
+    bias = bias.to(dtype) if bias is not None else None
+    attrs = {"num_heads": h, "span": span, "max_position": max_position, "c2p": c2p, "p2c": p2c,
+             "masked_rows": masked_rows}
+    check("DisentangledAttention", (q, k, v, rel_key, rel_query, bias), attrs, dtype)
 
 
 # ---- MixtureOfExperts ----------------------------------------------------------------------------------------

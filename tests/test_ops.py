@@ -1,4 +1,6 @@
 """The op contract: decompositions (function bodies) agree with the torch references; attributes are TensorRT-safe."""
+import math
+
 import numpy as np
 import onnx.defs
 import pytest
@@ -44,6 +46,59 @@ def test_block_sparse_decomposition_matches_reference(heads, head_dim, block, nb
     expected = BSA.reference(q, k, v, table, **attrs).numpy()
     got = run_single_op(BSA, attrs, [q.numpy(), k.numpy(), v.numpy(), table.numpy()])
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@settings(max_examples=12, deadline=None)
+@given(heads=st.integers(1, 3), block=st.sampled_from([2, 4]), nb=st.integers(1, 6), slots=st.integers(1, 5),
+       global_blocks=st.integers(0, 2), bias=st.sampled_from(["none", "finite", "masked"]), seed=st.integers(0, 99))
+def test_block_sparse_repeats_and_key_bias_decomposition(heads, block, nb, slots, global_blocks, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, nb * block, heads * 4, generator=g) for _ in range(3))
+    table = torch.randint(-1, nb, (heads, nb, slots), generator=g).int()
+    arrays = [q, k, v, table]
+    if bias != "none":
+        key_bias = torch.randn(2, nb * block, generator=g) * 3
+        if bias == "masked":  # padded keys, and batch row 1 with every key masked
+            key_bias[0, -block:] = float("-inf")
+            key_bias[1] = float("-inf")
+        arrays.append(key_bias)
+    attrs = dict(num_heads=heads, block_size=block, global_blocks=global_blocks, count_repeats=1)
+    expected = BSA.reference(*arrays, **attrs).numpy()
+    got = run_single_op(BSA, attrs, [a.numpy() for a in arrays])
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-4)
+    assert not np.isnan(got).any()
+
+
+def test_block_sparse_count_repeats_weighs_a_block_per_listing():
+    """A block listed r times weighs r times: the reference equals an explicit multiplicity-weighted softmax, with
+    the key bias inside; count_repeats=0 keeps the union (the same as listing each block once)."""
+    heads, d, b, nb = 1, 8, 4, 4
+    q, k, v = (torch.randn(1, nb * b, d) for _ in range(3))
+    key_bias = torch.randn(1, nb * b)
+    table = torch.tensor([[[0, 0, 0, 2], [1, 0, 0, -1], [2, 3, 2, 0], [3, 3, -1, -1]]])
+    out = BSA.reference(q, k, v, table, key_bias, block_size=b, count_repeats=1)
+    mult = torch.zeros(nb, nb)
+    for i in range(nb):
+        for kb in table[0, i].tolist():
+            if kb >= 0:
+                mult[i, kb] += 1
+    mult = mult.repeat_interleave(b, 0).repeat_interleave(b, 1)
+    e = torch.exp((q[0] @ k[0].T) / math.sqrt(d) + key_bias)
+    weights = mult * e / (mult * e).sum(-1, keepdim=True)
+    torch.testing.assert_close(out[0], weights @ v[0], atol=1e-5, rtol=1e-5)
+    union = torch.tensor([[[0, 2, -1, -1], [1, 0, -1, -1], [2, 3, 0, -1], [3, -1, -1, -1]]])
+    torch.testing.assert_close(BSA.reference(q, k, v, table, key_bias, block_size=b),
+                               BSA.reference(q, k, v, union, key_bias, block_size=b, count_repeats=1))
+    assert not torch.allclose(out, BSA.reference(q, k, v, table, key_bias, block_size=b))
+    # a finite fill on every key (finfo.min) leaves the weights proportional to the multiplicities, as the
+    # decomposition (one softmax slot per listing) and the kernels compute it
+    fill = torch.full((1, nb * b), torch.finfo(torch.float32).min)
+    filled = BSA.reference(q, k, v, table, fill, block_size=b, count_repeats=1)
+    row1 = (2 * v[0, 0:4].sum(0) + v[0, 4:8].sum(0)) / (3 * b)  # block 0 listed twice, block 1 once
+    torch.testing.assert_close(filled[0, 4], row1, atol=1e-5, rtol=1e-5)
+    got = run_single_op(BSA, dict(block_size=b, count_repeats=1), [q.numpy(), k.numpy(), v.numpy(),
+                                                                    table.int().numpy(), fill.numpy()])
+    np.testing.assert_allclose(got, filled.numpy(), atol=1e-5, rtol=1e-4)
 
 
 def test_block_sparse_equals_dense_masked_softmax():

@@ -38,6 +38,75 @@ def test_dense_decomposition_matches_reference(heads, d, dv, nq, extra_keys, cau
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-4)
 
 
+def _dense_bias(kind, b, heads, nq, nk, g):
+    """Additive biases in every broadcast form, with fully masked rows where the form can express them."""
+    if kind == "padding":  # [B, 1, 1, Nk]: batch row 1 sees no key at all
+        bias = torch.where(torch.rand(b, 1, 1, nk, generator=g) < 0.4, float("-inf"), 0.0)
+        bias[1] = float("-inf")
+        return bias
+    if kind == "rows":  # [1, H, Nq, Nk] with query 0 fully masked in head 0
+        bias = torch.randn(1, heads, nq, nk, generator=g)
+        bias[0, 0, 0] = float("-inf")
+        return bias
+    if kind == "query":  # [B, 1, Nq, Nk] query x key padding (DeBERTa's): padded queries see nothing
+        keep = torch.rand(b, nq, generator=g) < 0.7
+        keep_k = torch.rand(b, nk, generator=g) < 0.7
+        keep_k[:, 0] = True
+        pair = keep[:, :, None] & keep_k[:, None, :]
+        return torch.where(pair, 0.0, float("-inf"))[:, None]
+    raise ValueError(kind)
+
+
+@settings(max_examples=12, deadline=None)
+@given(heads=st.integers(1, 3), nq=st.integers(1, 7), extra_keys=st.integers(0, 4), causal=st.integers(0, 1),
+       kind=st.sampled_from(["padding", "rows", "query"]), masked_rows=st.sampled_from(["zeros", "mean"]),
+       seed=st.integers(0, 99))
+def test_dense_broadcast_bias_and_masked_rows(heads, nq, extra_keys, causal, kind, masked_rows, seed):
+    g = torch.Generator().manual_seed(seed)
+    nk, d = nq + extra_keys, 4
+    q, k, v = (torch.randn(2, n, heads * d, generator=g) for n in (nq, nk, nk))
+    bias = _dense_bias(kind, 2, heads, nq, nk, g)
+    attrs = dict(num_heads=heads, causal=causal, masked_rows=masked_rows)
+    expected = DENSE.reference(q, k, v, bias, **attrs)
+    # the same scores with the bias expanded to [B, H, Nq, Nk] give the same output: broadcasting is exact
+    torch.testing.assert_close(expected, DENSE.reference(q, k, v, bias.expand(2, heads, nq, nk), **attrs))
+    got = run_single_op(DENSE, attrs, [t.numpy() for t in (q, k, v, bias)])
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-5, rtol=1e-4)
+    assert not np.isnan(got).any()
+
+
+def test_dense_mean_rows_are_what_a_finite_masked_fill_computes():
+    """masked_rows="mean" with -inf equals the original masked_fill(finfo.min) softmax on every row, fully masked
+    rows included; "zeros" differs exactly there."""
+    heads, d, n = 2, 8, 6
+    q, k, v = (torch.randn(2, n, heads * d) for _ in range(3))
+    keep = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    pair = keep[:, None, :, None] & keep[:, None, None, :]  # padded queries see nothing
+    qh, kh, vh = _heads(q, heads), _heads(k, heads), _heads(v, heads)
+    scores = (qh @ kh.transpose(-1, -2)) / math.sqrt(d)
+    original = torch.softmax(scores.masked_fill(~pair, torch.finfo(torch.float32).min), -1) @ vh
+    original = original.transpose(1, 2).reshape(2, n, heads * d)
+    bias = torch.where(pair, 0.0, float("-inf"))
+    mean = DENSE.reference(q, k, v, bias, num_heads=heads, masked_rows="mean")
+    torch.testing.assert_close(mean, original, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mean[0, 4], v[0].mean(0))
+    zeros = DENSE.reference(q, k, v, bias, num_heads=heads)
+    assert torch.equal(zeros[0, 4:], torch.zeros_like(zeros[0, 4:]))
+    torch.testing.assert_close(zeros[:, :4], mean[:, :4])
+
+
+def test_a_finite_fill_is_not_minus_infinity():
+    """An additive finfo.min mask is finite: a row with every key masked is uniform (what the original computes),
+    in the reference and its decomposition alike; only -inf rows follow masked_rows."""
+    q, k, v = (torch.randn(2, 5, 8) for _ in range(3))
+    fill = torch.zeros(2, 1, 1, 5)
+    fill[0] = torch.finfo(torch.float32).min
+    out = DENSE.reference(q, k, v, fill)
+    torch.testing.assert_close(out[0], v[0].mean(0).expand(5, 8))
+    got = run_single_op(DENSE, {}, [t.numpy() for t in (q, k, v, fill)])
+    np.testing.assert_allclose(got, out.numpy(), atol=1e-5, rtol=1e-4)
+
+
 def test_dense_equals_sdpa_and_masked_rows_are_zero():
     q, k, v = (torch.randn(2, 7, 2 * 8) for _ in range(3))
     bias = torch.zeros(1, 1, 7, 7)
@@ -54,19 +123,46 @@ def test_dense_equals_sdpa_and_masked_rows_are_zero():
 
 # ------------------------------------------------------------------------------------------------ disentangled
 def _bucket_scalar(r: int, span: int, max_position: int) -> int:
+    """make_log_bucket_position for one offset, written out: no clamp of r, float32 steps, correctly rounded logs."""
     mid = span // 2
-    r = max(-(max_position - 1), min(max_position - 1, r))
     if abs(r) <= mid:
         return r
-    return int(math.copysign(mid + math.ceil(math.log(abs(r) / mid) / math.log((max_position - 1) / mid) * (mid - 1)),
-                             r))
+    f32 = np.float32
+    ratio = f32(math.log(f32(abs(r)) / f32(mid)))
+    denominator = f32(math.log(f32((max_position - 1) / mid)))
+    return int(math.copysign(float(f32(math.ceil(ratio / denominator * f32(mid - 1))) + mid), r))
 
 
 def test_log_bucket_matches_the_scalar_formula():
-    r = torch.arange(-700, 701)  # offsets beyond max_position are clamped first
+    r = torch.arange(-1500, 1501)  # offsets beyond max_position are not clamped (transformers does not)
     got = log_bucket(r, 256, 512)
     assert got.tolist() == [_bucket_scalar(x, 256, 512) for x in r.tolist()]
-    assert got.abs().max() == 255 and torch.equal(got[700 - 128:700 + 129], r[700 - 128:700 + 129])
+    assert torch.equal(got[1500 - 128:1500 + 129], r[1500 - 128:1500 + 129])
+    assert got.max() > 255 and got.min() < -255  # past +-(max_position - 1): beyond span - 1, clamped in delta
+
+
+@settings(max_examples=25, deadline=None)
+@given(span=st.sampled_from([4, 6, 8, 16, 32, 64, 128, 256, 512]), extra=st.integers(2, 5000),
+       seed=st.integers(0, 10_000))
+def test_log_bucket_is_transformers_make_log_bucket_position(span, extra, seed):
+    """Random offsets (far past max_position included) bucket exactly as transformers' DeBERTa-v2 does."""
+    from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
+
+    max_position = span // 2 + extra
+    g = torch.Generator().manual_seed(seed)
+    r = torch.cat([torch.randint(-8 * max_position, 8 * max_position, (2000,), generator=g),
+                   torch.arange(-max_position - 2, max_position + 3)])
+    expected = make_log_bucket_position(r, span, max_position).long()
+    assert torch.equal(log_bucket(r, span, max_position), expected)
+
+
+def test_relative_index_past_max_position_reads_the_edge_rows():
+    """Issue 14 item 3: with N > max_position every distance <= -max_position reads row 0 for an even span (as in
+    transformers), where clamping first read row 1."""
+    span, max_position, n = 8, 16, 40
+    delta = relative_index(n, n, span, max_position)
+    rel = torch.arange(n)[:, None] - torch.arange(n)[None]
+    assert delta[rel <= -max_position].eq(0).all() and delta[rel >= max_position].eq(2 * span - 1).all()
 
 
 def test_disentangled_equals_an_explicit_loop():
@@ -97,6 +193,42 @@ def test_disentangled_decomposition_matches_reference(n, span, max_position):
     got = run_single_op(DIS, attrs, [t.numpy() for t in (q, k, v, kr, qr)])
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-4)
     assert relative_index(n, n, span, max_position).max() <= 2 * span - 1
+
+
+@pytest.mark.parametrize("c2p,p2c", [(1, 1), (1, 0), (0, 1), (0, 0)])
+@pytest.mark.parametrize("bias_kind,masked_rows", [(None, "zeros"), ("query", "zeros"), ("query", "mean"),
+                                                   ("padding", "mean")])
+def test_disentangled_terms_bias_and_masked_rows(c2p, p2c, bias_kind, masked_rows):
+    """Past max_position (n = 40 > 16), each term switch, broadcast biases with fully masked rows: the decomposition
+    equals the reference, and the reference equals the explicit sum of the terms it switches on."""
+    heads, d, n, span, max_position = 2, 4, 40, 8, 16
+    g = torch.Generator().manual_seed(c2p * 2 + p2c)
+    q, k, v = (torch.randn(2, n, heads * d, generator=g) for _ in range(3))
+    kr, qr = torch.randn(2 * span, heads * d, generator=g), torch.randn(2 * span, heads * d, generator=g)
+    arrays = [q, k, v, kr, qr]
+    if bias_kind:
+        arrays.append(_dense_bias(bias_kind, 2, heads, n, n, g))
+    attrs = dict(num_heads=heads, span=span, max_position=max_position, c2p=c2p, p2c=p2c, masked_rows=masked_rows)
+    expected = DIS.reference(*arrays, **attrs)
+    got = run_single_op(DIS, attrs, [t.numpy() for t in arrays])
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-5, rtol=1e-4)
+    # the terms, summed by hand; the default scale is DeBERTa's 1/sqrt((1 + c2p + p2c) D)
+    delta = relative_index(n, n, span, max_position)
+    qh, kh, vh = _heads(q, heads), _heads(k, heads), _heads(v, heads)
+    krh, qrh = kr.reshape(2 * span, heads, d).transpose(0, 1), qr.reshape(2 * span, heads, d).transpose(0, 1)
+    scores = qh @ kh.transpose(-1, -2)
+    if c2p:
+        scores = scores + torch.einsum("bhid,hijd->bhij", qh, krh[:, delta])
+    if p2c:
+        scores = scores + torch.einsum("bhjd,hijd->bhij", kh, qrh[:, delta])
+    scores = scores / math.sqrt((1 + c2p + p2c) * d)
+    if bias_kind:
+        scores = scores + arrays[5]
+    weights = torch.softmax(scores, -1)
+    dead = (scores == float("-inf")).all(-1, keepdim=True)
+    weights = weights.masked_fill(dead, 1.0 / n if masked_rows == "mean" else 0.0)
+    by_hand = (weights @ vh).transpose(1, 2).reshape(2, n, heads * d)
+    torch.testing.assert_close(expected, by_hand, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ MoE

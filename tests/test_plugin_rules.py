@@ -113,7 +113,8 @@ def test_every_field_round_trips_through_serialization(harness, op):
     fields, expected = {}, {}
     for i, a in enumerate(contract.attributes):
         if a.kind == "int":
-            value = {"causal": 1, "normalize": 0, "logits_input": 1}.get(a.name, a.default + 3 + i)  # 0/1 flags flip
+            flags = {"causal": 1, "normalize": 0, "logits_input": 1, "count_repeats": 1, "c2p": 0, "p2c": 0}
+            value = flags.get(a.name, a.default + 3 + i)  # 0/1 flags flip
             fields[a.name], expected[a.name] = f"int32:{value}", str(value)
         elif a.kind == "float":
             value = 0.375 + i
@@ -147,6 +148,8 @@ def test_field_types_the_parser_may_send(harness):
     ("MixtureOfExperts", "activation", "char0:swish", "is not one of: relu, gelu"),
     ("DenseAttention", "score_fn", "char0:relu", "'score_fn' (string) = 'relu' is not one of: softmax, relu_squared"),
     ("DenseAttention", "score_fn", "int32:1", "needs characters"),
+    ("DenseAttention", "masked_rows", "char0:uniform", "'masked_rows' (string) = 'uniform' is not one of: zeros, mean"),
+    ("DisentangledAttention", "masked_rows", "char0:nan", "is not one of: zeros, mean"),
 ])
 def test_bad_fields_are_refused(harness, op, field, spec, message):
     assert message in harness(op, {field: spec})["error"]
@@ -163,6 +166,9 @@ def test_bad_fields_are_refused(harness, op, field, spec, message):
     ("DisentangledAttention", {"span": "int32:0"}, "span must be at least 1"),
     ("DisentangledAttention", {"span": "int32:1"}, "need span >= 2"),
     ("DisentangledAttention", {"max_position": "int32:-2"}, "max_position must not be negative"),
+    ("DisentangledAttention", {"c2p": "int32:2"}, "c2p must be 0 or 1"),
+    ("DisentangledAttention", {"p2c": "int32:-1"}, "p2c must be 0 or 1"),
+    ("BlockSparseAttention", {"count_repeats": "int32:2"}, "count_repeats must be 0 or 1"),
     ("MixtureOfExperts", {"capacity": "int32:-1"}, "capacity must not be negative"),
     ("MixtureOfExperts", {"capacity_factor": "float32:0"}, "capacity_factor must be positive"),
     ("LongConvolution", {"channels": "int32:-1"}, "channels must not be negative"),
@@ -264,7 +270,7 @@ def test_optional_inputs_may_be_left_out(harness):
     ("BlockSparseAttention", {"block_size": "int32:8"}, [(1, 16, 8), (1, 16, 8), (1, 16, 8), (1, 3, 1)],
      "second axis must be sequence length / block_size = 2"),
     ("BlockSparseAttention", {}, [(1, 64, 8), (1, 32, 8), (1, 64, 8), (1, 1, 1)], "must have the query's shape"),
-    ("BlockSparseAttention", {}, [(1, 64, 8), (1, 64, 8), (1, 64, 8)], "takes 4 inputs, got 3"),
+    ("BlockSparseAttention", {}, [(1, 64, 8), (1, 64, 8), (1, 64, 8)], "takes 4 to 5 inputs, got 3"),
     ("BlockSparseAttention", {}, [(64, 8), (1, 64, 8), (1, 64, 8), (1, 1, 1)], "must have rank 3"),
     ("DenseAttention", {}, [(1, 4, 8), (1, 6, 4), (1, 6, 8)], "must match the query"),
     ("DenseAttention", {}, [(1, 4, 8), (1, 6, 8), (1, 5, 8)], "must match the key"),
@@ -292,6 +298,15 @@ def test_optional_inputs_may_be_left_out(harness):
      [(1, 4, 8), (1, 6, 8), (1, 6, 7), (1, 1, 4, 6)], "value width 7 must be a multiple of num_heads 2"),
     ("DenseAttention", {"logits_input": "int32:1"}, [(2, 4, 8), (2, 6, 8), (1, 6, 8), (1, 1, 4, 6)],
      "must match the query 2x4x8 in batch"),
+    ("DenseAttention", {"logits_input": "int32:1"}, [(1, 4, 8), (1, 6, 8), (1, 6, 8), (1, 1, 1, 6)],
+     "must be [1 or 1, 1 or 1, 4, 6] (the logits)"),
+    ("DenseAttention", {}, [(2, 4, 8), (2, 6, 8), (2, 6, 8), (2, 1, 3, 6)], "must be [1 or 2, 1 or 1, 1 or 4, 6]"),
+    ("BlockSparseAttention", {"block_size": "int32:8"},
+     [(2, 16, 8), (2, 16, 8), (2, 16, 8), (1, 2, 1), (1, 16)], "input 'key_bias'"),
+    ("DisentangledAttention", {"span": "int32:4"},
+     [(2, 6, 8), (2, 6, 8), (2, 6, 8), (8, 8), (8, 8), (2, 1, 6, 5)], "must be [1 or 2, 1 or 1, 1 or 6, 6]"),
+    ("DisentangledAttention", {"span": "int32:4"},
+     [(2, 6, 8), (2, 6, 8), (2, 6, 8), (8, 8), (8, 8), (2, 2, 6, 6)], "input 'bias'"),
 ])
 def test_bad_shapes_are_refused(harness, op, fields, shapes, message):
     result = harness(op, fields, shapes)
@@ -319,3 +334,34 @@ def test_dense_logits_input_reads_only_the_value_and_the_logits(harness):
     attrs = dict(num_heads=3, logits_input=1)
     assert tuple(int(d) for d in result["output"].split("x")) == _reference_output_shape("DenseAttention", attrs,
                                                                                          shapes) == (2, 5, 12)
+
+
+@pytest.mark.parametrize("bias_shape", [(3, 1, 1, 7), (1, 1, 1, 7), (3, 2, 1, 7), (1, 2, 5, 7)])
+def test_dense_bias_broadcasts_over_query_rows(harness, bias_shape):
+    """Issue 14 item 4: the [B, 1, 1, Nk] padding mask the passes emit is accepted, read in place (bias_rows=1), and
+    the output shape is the reference's."""
+    shapes = [(3, 5, 16), (3, 7, 16), (3, 7, 12), bias_shape]
+    result = harness("DenseAttention", {"num_heads": "int32:2", "masked_rows": "char0:mean"}, shapes)
+    assert "error" not in result, result.get("error")
+    params = result["params"]
+    assert (params["bias_batch"], params["bias_heads"], params["bias_rows"]) == bias_shape[:3]
+    assert params["masked_rows"] == 1
+    assert tuple(int(d) for d in result["output"].split("x")) == _reference_output_shape(
+        "DenseAttention", dict(num_heads=2), shapes) == (3, 5, 12)
+
+
+def test_new_optional_inputs_and_fields_reach_the_params(harness):
+    """key_bias for BlockSparseAttention, bias/c2p/p2c/masked_rows for DisentangledAttention: accepted with the
+    contract's shapes, and a table whose term is switched off is not shape-checked (the kernel never reads it)."""
+    bsa = harness("BlockSparseAttention", {"block_size": "int32:8", "count_repeats": "int32:1"},
+                  [(2, 16, 8), (2, 16, 8), (2, 16, 8), (1, 2, 3), (2, 16)])
+    assert "error" not in bsa and bsa["params"]["count_repeats"] == 1 and bsa["output"] == "2x16x8"
+    dis = harness("DisentangledAttention", {"span": "int32:4", "p2c": "int32:0", "masked_rows": "char0:mean"},
+                  [(2, 6, 8), (2, 6, 8), (2, 6, 8), (8, 8), (1, 1), (2, 1, 6, 6)])
+    assert "error" not in dis, dis.get("error")
+    params = dis["params"]
+    assert (params["c2p"], params["p2c"], params["masked_rows"]) == (1, 0, 1)
+    assert (params["bias_batch"], params["bias_heads"], params["bias_rows"]) == (2, 1, 6)
+    padding = harness("DisentangledAttention", {"span": "int32:4"},
+                      [(2, 6, 8), (2, 6, 8), (2, 6, 8), (8, 8), (8, 8), (2, 1, 1, 6)])
+    assert "error" not in padding and padding["params"]["bias_rows"] == 1

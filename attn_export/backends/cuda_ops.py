@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..ops import OPS
-from ..ops.dense_attention import SCORE_FNS
+from ..ops.dense_attention import MASKED_ROWS, SCORE_FNS
 from ..ops.linear_attention import FEATURE_MAPS
 from ..ops.mixture_of_experts import ACTIVATIONS
 
@@ -83,13 +83,14 @@ def _optional(tensors: tuple, index: int):
 
 
 def _block_sparse(ext, t, a):
-    return ext.block_sparse_attention(t[0], t[1], t[2], t[3], a["num_heads"], a["block_size"], a["scale"],
-                                      a["global_blocks"])
+    return ext.block_sparse_attention(t[0], t[1], t[2], t[3], _optional(t, 4), a["num_heads"], a["block_size"],
+                                      a["scale"], a["global_blocks"], a["count_repeats"])
 
 
 def _dense(ext, t, a):
     return ext.dense_attention(t[0], t[1], t[2], _optional(t, 3), a["num_heads"], a["scale"], a["causal"],
-                               _code(SCORE_FNS, a["score_fn"], "score_fn"), a["logits_input"])
+                               _code(SCORE_FNS, a["score_fn"], "score_fn"), a["logits_input"],
+                               _code(MASKED_ROWS, a["masked_rows"], "masked_rows"))
 
 
 def _kernelized(ext, t, a):
@@ -99,8 +100,9 @@ def _kernelized(ext, t, a):
 
 
 def _disentangled(ext, t, a):
-    return ext.disentangled_attention(t[0], t[1], t[2], t[3], t[4], a["num_heads"], a["span"], a["max_position"],
-                                      a["scale"])
+    return ext.disentangled_attention(t[0], t[1], t[2], t[3], t[4], _optional(t, 5), a["num_heads"], a["span"],
+                                      a["max_position"], a["scale"], a["c2p"], a["p2c"],
+                                      _code(MASKED_ROWS, a["masked_rows"], "masked_rows"))
 
 
 def _moe(ext, t, a):

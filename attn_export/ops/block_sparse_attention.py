@@ -2,9 +2,12 @@
 
 Semantics, per head h and query block i (blocks of `block_size` tokens, nb = N / block_size):
   - a global row (i < global_blocks or i >= nb - global_blocks) attends to every key;
-  - any other row attends to the union of key blocks block_index[h, i, :] (entries < 0 mean "no block";
-    a block listed twice counts once);
-  - scores are scale * q.k (scale 0 means 1/sqrt(head_dim)); a row that sees no key outputs zeros.
+  - any other row attends to the key blocks block_index[h, i, :] (entries < 0 mean "no block"); with
+    count_repeats=0 a block listed twice counts once (the union), with count_repeats=1 every listed slot counts:
+    a block listed r times weighs r times in the softmax (exp-sum and value sum), as HF transformers' BigBird
+    computes in eval mode, where every random block is block 0;
+  - scores are scale * q.k + key_bias[b, j] (scale 0 means 1/sqrt(head_dim); key_bias optional, additive per key,
+    e.g. BigBird's (1 - mask) * -10000); a row that sees no key, or whose every score is -inf, outputs zeros.
 This covers BigBird (window + global + random), Hypercube, and banded local attention.
 """
 from __future__ import annotations
@@ -30,7 +33,15 @@ def visible_slots(block_index: torch.Tensor, num_blocks: int) -> torch.Tensor:
     return valid & ~duplicate
 
 
-def reference(query, key, value, block_index, *, num_heads=1, block_size=64, scale=0.0, global_blocks=0):
+def counted_slots(block_index: torch.Tensor, num_blocks: int, count_repeats: int) -> torch.Tensor:
+    """The slots that weigh in the softmax: every valid one with count_repeats, else the first of each block."""
+    if count_repeats:
+        return (block_index >= 0) & (block_index < num_blocks)
+    return visible_slots(block_index, num_blocks)
+
+
+def reference(query, key, value, block_index, key_bias=None, *, num_heads=1, block_size=64, scale=0.0,
+              global_blocks=0, count_repeats=0):
     q, k, v = (split_heads(t, num_heads) for t in (query, key, value))
     batch, heads, n, d = q.shape
     if n % block_size:
@@ -38,29 +49,37 @@ def reference(query, key, value, block_index, *, num_heads=1, block_size=64, sca
     nb = n // block_size
     scale = scale or 1.0 / math.sqrt(d)
     table = block_index.to(torch.int64).expand(heads, nb, -1)
-    visible = visible_slots(table, nb)  # [H, nb, m]
+    counted = counted_slots(table, nb, count_repeats)  # [H, nb, m]
 
-    # token-level visibility [H, nb, nb] -> [H, N, N]: one softmax over the union of the listed blocks
-    block_mask = torch.zeros(heads, nb, nb + 1, dtype=torch.bool, device=q.device)
-    block_mask.scatter_(2, torch.where(visible, table, nb), True)
-    block_mask = block_mask[..., :nb]
+    # key-block multiplicity [H, nb, nb] -> [H, N, N]: how often each key weighs in the row's softmax
+    multiplicity = torch.zeros(heads, nb, nb + 1, device=q.device)
+    multiplicity.scatter_add_(2, torch.where(counted, table, nb), torch.ones(counted.shape, device=q.device))
+    multiplicity = multiplicity[..., :nb]
     rows = torch.arange(nb, device=q.device)
     is_global = (rows < global_blocks) | (rows >= nb - global_blocks)
-    block_mask = block_mask | is_global[None, :, None]
-    mask = block_mask.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)
+    multiplicity = torch.where(is_global[None, :, None], torch.ones_like(multiplicity), multiplicity)
+    multiplicity = multiplicity.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)
 
     # float32 throughout: fp16 products of large activations overflow 65504 (and exp does long before)
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
-    # a row that sees no key is 0/0 in softmax: zeros instead (NaN in the inputs still shows as NaN)
-    probs = torch.softmax(scores, -1).masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    if key_bias is not None:
+        scores = scores + key_bias.float()[:, None, None, :]
+    # a key the row does not see is -inf; one counted r times weighs r exp(s) (renormalised after the softmax, not
+    # as s + log r, which a finite fill such as finfo.min would absorb)
+    scores = scores.masked_fill(multiplicity == 0, float("-inf"))
+    probs = torch.softmax(scores, -1) * multiplicity
+    probs = probs / probs.sum(-1, keepdim=True)
+    # a row whose every score is -inf is 0/0 in softmax: zeros instead (NaN in the inputs still shows as NaN)
+    dead = (scores == float("-inf")).all(-1, keepdim=True)
+    probs = probs.masked_fill(dead, 0.0)
     out = (probs @ v.float()).to(query.dtype)
     return out.transpose(1, 2).reshape(batch, n, heads * d)
 
 
 def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict) -> None:
     """Gather-based decomposition: memory O(N * m * block_size), never the dense N x N score matrix."""
-    query, key, value, block_index = inputs
+    query, key, value, block_index = inputs[:4]
+    key_bias = inputs[4] if len(inputs) > 4 and inputs[4] else ""
     heads, bs, g = attrs["num_heads"], attrs["block_size"], attrs["global_blocks"]
     q, k, v = (b.split_heads(t, heads) for t in (query, key, value))  # [B,H,N,D]
     dtype_ref = q
@@ -82,12 +101,16 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
     table = b.op("Expand", table, b.op("Concat", b.const([heads]), nb, b.const([1]), axis=0))  # [H,nb,m]
     m = b.dim(b.op("Shape", table), 2)
     valid = b.op("And", b.op("GreaterOrEqual", table, b.const(0)), b.op("Less", table, nb))
-    same = b.op("Equal", b.unsqueeze(table, [-1]), b.unsqueeze(table, [-2]))  # [H,nb,m,m]
-    ones = b.op("ConstantOfShape", b.op("Concat", m, m, axis=0), value=numpy_helper.from_array(np.ones(1, np.int64)))
-    earlier = b.op("Cast", b.op("Trilu", ones, b.const(-1), upper=0), to=9)
-    dup = b.op("And", b.op("And", same, earlier), b.unsqueeze(valid, [-2]))
-    dup_any = b.op("Cast", b.reduce("ReduceMax", b.op("Cast", dup, to=6), [-1], keepdims=0), to=9)
-    visible = b.op("And", valid, b.op("Not", dup_any))  # [H,nb,m]
+    if attrs["count_repeats"]:
+        visible = valid  # every listed slot is its own set of keys in the softmax: repeats weigh r times
+    else:
+        same = b.op("Equal", b.unsqueeze(table, [-1]), b.unsqueeze(table, [-2]))  # [H,nb,m,m]
+        ones = b.op("ConstantOfShape", b.op("Concat", m, m, axis=0),
+                    value=numpy_helper.from_array(np.ones(1, np.int64)))
+        earlier = b.op("Cast", b.op("Trilu", ones, b.const(-1), upper=0), to=9)
+        dup = b.op("And", b.op("And", same, earlier), b.unsqueeze(valid, [-2]))
+        dup_any = b.op("Cast", b.reduce("ReduceMax", b.op("Cast", dup, to=6), [-1], keepdims=0), to=9)
+        visible = b.op("And", valid, b.op("Not", dup_any))  # [H,nb,m]
 
     # gather the listed key/value blocks through a flat (head, block) index
     # entries outside [0, nb) are not visible (masked below) but must still be gatherable
@@ -100,15 +123,18 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
               for t in (kb, vb))  # [B,H,nb,m*bs,D]
 
     scores = b.op("Mul", b.op("MatMul", qb, b.transpose_last(kg, 5)), scale_t)  # [B,H,nb,bs,m*bs]
+    if key_bias:
+        kbias = b.op("Cast", key_bias, to=1)
+        kbias_blocks = b.op("Reshape", kbias, b.op("Concat", b.dim(shape, 0), b.const([-1, bs]), axis=0))  # [B,nb,bs]
+        gathered_bias = b.op("Gather", kbias_blocks, clamped, axis=1)  # [B,H,nb,m,bs]
+        gathered_bias = b.op("Reshape", gathered_bias,
+                             b.op("Concat", b.dim(shape, 0), b.dim(shape, 1), nb, b.const([1, -1]), axis=0))
+        scores = b.op("Add", scores, gathered_bias)
     key_visible = b.op("Expand", b.unsqueeze(visible, [-1]),
                        b.op("Concat", b.const([heads]), nb, m, b.const([bs]), axis=0))
     key_visible = b.op("Reshape", key_visible, b.op("Concat", b.const([heads]), nb, b.const([1, -1]), axis=0))
     neg_inf = b.const(-np.inf, np.float32)
-    probs = b.op("Softmax", b.op("Where", key_visible, scores, neg_inf), axis=-1)
-    # rows that see no key: softmax gives NaN (0/0); the op gives zeros
-    row_visible = b.op("Greater", b.reduce("ReduceMax", b.op("Cast", visible, to=1), [-1]), b.const(0.0, np.float32))
-    row_visible = b.op("Reshape", row_visible, b.op("Concat", b.const([heads]), nb, b.const([1, 1]), axis=0))
-    probs = b.op("Where", row_visible, probs, b.const(0.0, np.float32))
+    probs = _softmax_or_zeros(b, b.op("Where", key_visible, scores, neg_inf))
     out_blocks = b.op("MatMul", probs, vg)  # [B,H,nb,bs,D]
 
     if g:
@@ -121,7 +147,11 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
         rows_shape = b.op("Concat", b.dim(shape, 0), b.dim(shape, 1), b.const([-1]), head_dim, axis=0)
         q_rows = b.op("Reshape", q_rows, rows_shape)
         dense_scores = b.op("Mul", b.op("MatMul", q_rows, b.transpose_last(k, 4)), scale_t)
-        dense = b.op("MatMul", b.op("Softmax", dense_scores, axis=-1), v)  # every key visible: no empty row
+        if key_bias:  # a key bias of -inf can empty a global row too
+            dense_scores = b.op("Add", dense_scores, b.unsqueeze(kbias, [1, 2]))
+            dense = b.op("MatMul", _softmax_or_zeros(b, dense_scores), v)
+        else:
+            dense = b.op("MatMul", b.op("Softmax", dense_scores, axis=-1), v)  # every key visible: no empty row
         dense = b.op("Reshape", dense, blocked)  # [B,H,rows,bs,D]
         n_first = b.op("Shape", b.op("Slice", qb, zero, first_end, b.const([2])))
         dense_first = b.op("Slice", dense, zero, b.dim(n_first, 2), b.const([2]))
@@ -130,6 +160,13 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
         out_blocks = b.op("Concat", dense_first, middle, dense_last, axis=2)
 
     b.merge_heads(b.op("CastLike", b.op("Reshape", out_blocks, b.op("Shape", q)), dtype_ref), outputs[0])
+
+
+def _softmax_or_zeros(b: OnnxBuilder, scores: str) -> str:
+    """Softmax over the last axis; a row whose scores are all -inf gives zeros, not 0/0 (NaN rows stay NaN)."""
+    probs = b.op("Softmax", scores, axis=-1)
+    dead = b.op("Equal", b.reduce("ReduceMax", scores, [-1]), b.const(-np.inf, np.float32))
+    return b.op("Where", dead, b.const(0.0, np.float32), probs)
 
 
 CONTRACT = OpContract(
@@ -141,6 +178,8 @@ CONTRACT = OpContract(
         TensorSpec("key", 3, FLOATS, "[B, N, H*D]"),
         TensorSpec("value", 3, FLOATS, "[B, N, H*D]"),
         TensorSpec("block_index", 3, ("int32",), "[H or 1, N/block_size, m] key blocks per query block; <0 = none"),
+        TensorSpec("key_bias", 2, FLOATS, "[B, N] additive to every score of key j; -inf masks the key",
+                   optional=True),
     ),
     outputs=(TensorSpec("output", 3, FLOATS, "[B, N, H*D]"),),
     attributes=(
@@ -148,6 +187,7 @@ CONTRACT = OpContract(
         Attribute("block_size", "int", 64, "tokens per block; N must be a multiple"),
         Attribute("scale", "float", 0.0, "score scale; 0 means 1/sqrt(D)"),
         Attribute("global_blocks", "int", 0, "the first and the last this-many query blocks attend to all keys"),
+        Attribute("count_repeats", "int", 0, "1: a key block listed r times in a row weighs r times (HF BigBird)"),
     ),
     reference=reference,
     decompose=decompose,

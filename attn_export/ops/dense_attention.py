@@ -2,9 +2,12 @@
 
 Per head: out = weights(scale * q.k^T + bias [+ causal mask]) v, in float32 statistics.
   - q and k share a head dim D; v may have its own head dim Dv (MGK's augmented keys: D = Dq + 2).
-  - bias (optional) is additive and broadcasts as [B or 1, H or 1, Nq, Nk]; -inf entries mask keys.
+  - bias (optional) is additive and broadcasts as [B or 1, H or 1, Nq or 1, Nk] (a padding mask is [B, 1, 1, Nk]);
+    -inf entries mask keys.
   - causal=1 masks key j for query i when j > i + (Nk - Nq) (the last query sees every key).
-  - scale 0 means 1/sqrt(D). A row with no visible key outputs zeros, never NaN.
+  - scale 0 means 1/sqrt(D). A row with no visible key (every score -inf) outputs zeros with masked_rows "zeros",
+    and the mean of all Nk values with masked_rows "mean": what a masked_fill with a finite fill (finfo.min,
+    -10000) computes, since the softmax of equal numbers is uniform. softmax only (relu(s)^2 weighs a masked key 0).
   - score_fn "softmax" (the default) normalises each row; "relu_squared" takes relu(s)^2 with no normalisation
     (FLASH's local attention; a masked key has s = -inf, so weight 0).
   - logits_input=1 (the K1-m form): the bias holds the complete, materialised logits, for maps that other ops
@@ -29,17 +32,29 @@ FLOATS = ("float32", "float16", "bfloat16")
 
 
 SCORE_FNS = ("softmax", "relu_squared")
+MASKED_ROWS = ("zeros", "mean")
+
+
+def masked_row_weights(scores: torch.Tensor, masked_rows: str) -> torch.Tensor:
+    """softmax over the last axis. A row whose every score is -inf (0/0): zeros with "zeros" (today's rule, which
+    also zeroes NaN weights), uniform weights with "mean" (there NaN from the inputs stays NaN)."""
+    if masked_rows not in MASKED_ROWS:
+        raise ValueError(f"unknown masked_rows {masked_rows!r}")
+    if masked_rows == "zeros":
+        return torch.softmax(scores, -1).nan_to_num(0.0)
+    dead = (scores == float("-inf")).all(-1, keepdim=True)
+    return torch.softmax(scores, -1).masked_fill(dead, 1.0 / max(scores.shape[-1], 1))
 
 
 def reference(query, key, value, bias=None, *, num_heads=1, scale=0.0, causal=0, score_fn="softmax",
-              logits_input=0):
+              logits_input=0, masked_rows="zeros"):
     if score_fn not in SCORE_FNS:
         raise ValueError(f"unknown score_fn {score_fn!r}")
     v = split_heads(value, num_heads).float()
     if logits_input:
         if bias is None:
             raise ValueError("logits_input=1 needs the logits as the bias input")
-        scores = bias.float().expand(v.shape[0], num_heads, -1, v.shape[2])
+        scores = bias.float().expand(v.shape[0], num_heads, query.shape[1], v.shape[2])
     else:
         q, k = (split_heads(t, num_heads).float() for t in (query, key))
         scores = (q @ k.transpose(-1, -2)) * (scale or 1.0 / math.sqrt(q.shape[-1]))
@@ -50,7 +65,7 @@ def reference(query, key, value, bias=None, *, num_heads=1, scale=0.0, causal=0,
         future = torch.ones(nq, nk, dtype=torch.bool, device=scores.device).triu(nk - nq + 1)
         scores = scores.masked_fill(future, float("-inf"))
     if score_fn == "softmax":
-        weights = torch.softmax(scores, -1).nan_to_num(0.0)
+        weights = masked_row_weights(scores, masked_rows)
     else:
         weights = torch.relu(scores).square()
     out = weights @ v
@@ -92,13 +107,23 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
         raise ValueError(f"unknown score_fn {attrs['score_fn']!r}")
     out = b.op("MatMul", probs, vf)
     if attrs["score_fn"] == "softmax" and (bias or attrs["causal"]):
-        # a row whose keys are all masked is NaN in softmax and gives zeros. A softmax row is NaN everywhere or
-        # nowhere (one NaN or -inf max spoils its sum), so its first weight tells, and the guard costs O(N * Dv)
-        # on the output instead of O(N^2) on the weights.
-        dead = b.op("IsNaN", b.op("Slice", probs, b.const([0]), b.const([1]), b.const([-1])))
-        out = b.op("Where", dead, b.const(0.0, np.float32), out)
+        out = masked_rows_guard(b, scores, probs, out, vf, attrs["masked_rows"])
     out = b.op("CastLike", out, v)
     b.merge_heads(out, outputs[0], attrs["num_heads"])
+
+
+def masked_rows_guard(b: OnnxBuilder, scores: str, probs: str, out: str, vf: str, masked_rows: str) -> str:
+    """Rows whose every score is -inf (NaN in softmax): zeros, or the mean of the values [.., Nk, Dv]."""
+    if masked_rows == "zeros":
+        # A softmax row is NaN everywhere or nowhere (one NaN or -inf max spoils its sum), so its first weight
+        # tells, and the guard costs O(N * Dv) on the output instead of O(N^2) on the weights.
+        dead = b.op("IsNaN", b.op("Slice", probs, b.const([0]), b.const([1]), b.const([-1])))
+        return b.op("Where", dead, b.const(0.0, np.float32), out)
+    if masked_rows != "mean":
+        raise ValueError(f"unknown masked_rows {masked_rows!r}")
+    # only rows that are all -inf become the mean (NaN from the inputs stays NaN): the row max tells
+    dead = b.op("Equal", b.reduce("ReduceMax", scores, [-1]), b.const(-np.inf, np.float32))  # [.., Nq, 1]
+    return b.op("Where", dead, b.reduce("ReduceMean", vf, [-2]), out)
 
 
 CONTRACT = OpContract(
@@ -109,7 +134,7 @@ CONTRACT = OpContract(
         TensorSpec("query", 3, FLOATS, "[B, Nq, H*D]"),
         TensorSpec("key", 3, FLOATS, "[B, Nk, H*D]"),
         TensorSpec("value", 3, FLOATS, "[B, Nk, H*Dv]"),
-        TensorSpec("bias", 4, FLOATS, "[B or 1, H or 1, Nq, Nk] additive; -inf masks a key", optional=True),
+        TensorSpec("bias", 4, FLOATS, "[B or 1, H or 1, Nq or 1, Nk] additive; -inf masks a key", optional=True),
     ),
     outputs=(TensorSpec("output", 3, FLOATS, "[B, Nq, H*Dv]"),),
     attributes=(
@@ -118,6 +143,8 @@ CONTRACT = OpContract(
         Attribute("causal", "int", 0, "1: query i sees keys j <= i + Nk - Nq"),
         Attribute("score_fn", "string", "softmax", "scores to weights: " + ", ".join(SCORE_FNS)),
         Attribute("logits_input", "int", 0, "1: the bias is the complete logits; query and key are not read"),
+        Attribute("masked_rows", "string", "zeros",
+                  "a softmax row with every score -inf: " + ", ".join(MASKED_ROWS) + " (mean of the values)"),
     ),
     reference=reference,
     decompose=decompose,

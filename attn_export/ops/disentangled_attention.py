@@ -1,15 +1,19 @@
 """DisentangledAttention: DeBERTa's content + relative-position attention (kernel family K4).
 
 Per head, with relative index delta(i, j) = clamp(bucket(i - j) + span, 0, 2*span - 1):
-  score_ij = scale * ( q_i.k_j                     content-to-content
-                     + q_i.rel_key[delta(i, j)]    content-to-position
-                     + k_j.rel_query[delta(i, j)]) position-to-content (the official code's index, not the paper's)
-  out = softmax_j(score) v.
-rel_key / rel_query are the projected relative embeddings [2*span, H*D] (DeBERTa-v2: key_proj(P), query_proj(P)).
-bucket(r) is DeBERTa-v2's log bucket when max_position > 0: with r first clamped to +-(max_position - 1) (as the
-official code does, so buckets stay within +-(span - 1)), r if |r| <= span/2, else
-sign(r) * (span/2 + ceil(log(|r| / (span/2)) / log((max_position - 1) / (span/2)) * (span/2 - 1)));
-max_position = 0 means bucket(r) = r (DeBERTa v1). scale 0 means 1/sqrt(3 D).
+  score_ij = scale * ( q_i.k_j                           content-to-content
+                     + c2p * q_i.rel_key[delta(i, j)]    content-to-position
+                     + p2c * k_j.rel_query[delta(i, j)]) position-to-content (the official code's index)
+             + bias_ij                                    optional, [B|1, H|1, Nq|1, Nk], additive; -inf masks
+  out = softmax_j(score) v; a row whose every score is -inf gives zeros, or with masked_rows "mean" the mean of
+  the values (HF DeBERTa masks with masked_fill(finfo.min), so its padded query rows are uniform).
+rel_key / rel_query are the projected relative embeddings [2*span, H*D] (DeBERTa-v2: key_proj(P), query_proj(P));
+a table whose term is switched off (c2p=0 / p2c=0) is not read.
+bucket(r) is transformers' DeBERTa-v2 make_log_bucket_position when max_position > 0 (no clamp of r first, so
+distances past max_position give buckets beyond span - 1, which the clamp of delta then pins to the last row):
+r if |r| <= span/2, else sign(r) * (span/2 + ceil(log(|r| / (span/2)) / log((max_position - 1) / (span/2)) *
+(span/2 - 1))), in float32 arithmetic as transformers computes it (logs correctly rounded);
+max_position = 0 means bucket(r) = r (DeBERTa v1). scale 0 means 1/sqrt((1 + c2p + p2c) D), DeBERTa's.
 """
 from __future__ import annotations
 
@@ -19,19 +23,27 @@ import numpy as np
 import torch
 
 from .contract import Attribute, OpContract, TensorSpec, shape_of_first_input, split_heads
+from .dense_attention import MASKED_ROWS, masked_row_weights, masked_rows_guard
 from .onnx_builder import OnnxBuilder
 
 FLOATS = ("float32", "float16", "bfloat16")
 
 
+def log_denominator(span: int, max_position: int) -> np.float32:
+    """log((max_position - 1) / mid) as transformers computes it: the ratio and its log in float32."""
+    return np.float32(math.log(np.float32((max_position - 1) / (span // 2))))
+
+
 def log_bucket(relative: torch.Tensor, span: int, max_position: int) -> torch.Tensor:
-    """DeBERTa-v2's make_log_bucket_position on an integer tensor."""
+    """transformers' DeBERTa-v2 make_log_bucket_position on an integer tensor, in its float32 arithmetic (the log
+    taken in double and rounded, i.e. correctly rounded, which the kernel does too)."""
     mid = span // 2
-    relative = relative.clamp(-(max_position - 1), max_position - 1)
     sign = torch.sign(relative)
     inside = (relative < mid) & (relative > -mid)
-    magnitude = torch.where(inside, torch.full_like(relative, mid - 1), relative.abs()).double()
-    log_position = torch.ceil(torch.log(magnitude / mid) / math.log((max_position - 1) / mid) * (mid - 1)) + mid
+    magnitude = torch.where(inside, torch.full_like(relative, mid - 1), relative.abs())
+    ratio = (magnitude.float() / mid).double().log().float()
+    denominator = torch.tensor(log_denominator(span, max_position))
+    log_position = torch.ceil(ratio / denominator * (mid - 1)) + mid
     return torch.where(magnitude <= mid, relative, (log_position * sign).long())
 
 
@@ -43,41 +55,71 @@ def relative_index(nq: int, nk: int, span: int, max_position: int, device=None) 
     return (relative + span).clamp(0, 2 * span - 1)
 
 
-def reference(query, key, value, rel_key, rel_query, *, num_heads=1, span=256, max_position=512, scale=0.0):
+def default_scale(head_dim: int, c2p: int, p2c: int) -> float:
+    return 1.0 / math.sqrt((1 + int(bool(c2p)) + int(bool(p2c))) * head_dim)
+
+
+def reference(query, key, value, rel_key, rel_query, bias=None, *, num_heads=1, span=256, max_position=512,
+              scale=0.0, c2p=1, p2c=1, masked_rows="zeros"):
     q, k, v = (split_heads(t, num_heads).float() for t in (query, key, value))
     heads, d = q.shape[1], q.shape[-1]
-    kr, qr = (t.float().reshape(t.shape[0], heads, d).transpose(0, 1) for t in (rel_key, rel_query))  # [H,2s,D]
     delta = relative_index(q.shape[2], k.shape[2], span, max_position, q.device)
-    c2p = torch.gather(q @ kr.transpose(-1, -2), -1, delta.expand(*q.shape[:2], -1, -1))  # [B,H,Nq,Nk]
-    p2c = torch.gather(k @ qr.transpose(-1, -2), -1, delta.t().expand(*k.shape[:2], -1, -1)).transpose(-1, -2)
-    scores = (q @ k.transpose(-1, -2) + c2p + p2c) * (scale or 1.0 / math.sqrt(3 * d))
-    out = torch.softmax(scores, -1) @ v
+    scores = q @ k.transpose(-1, -2)
+    if c2p:
+        kr = rel_key.float().reshape(rel_key.shape[0], heads, d).transpose(0, 1)  # [H, 2s, D]
+        scores = scores + torch.gather(q @ kr.transpose(-1, -2), -1, delta.expand(*q.shape[:2], -1, -1))
+    if p2c:
+        qr = rel_query.float().reshape(rel_query.shape[0], heads, d).transpose(0, 1)
+        scores = scores + torch.gather(k @ qr.transpose(-1, -2), -1,
+                                       delta.t().expand(*k.shape[:2], -1, -1)).transpose(-1, -2)
+    scores = scores * (scale or default_scale(d, c2p, p2c))
+    if bias is not None:
+        scores = scores + bias.float()
+    if bias is None and masked_rows == "zeros":
+        weights = torch.softmax(scores, -1)  # nothing is masked: today's plain softmax
+    else:
+        weights = masked_row_weights(scores, masked_rows)
+    out = weights @ v
     b, h, n, _ = out.shape
     return out.to(query.dtype).transpose(1, 2).reshape(b, n, h * d)
 
 
 def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict) -> None:
-    query, key, value, rel_key, rel_query = inputs
+    query, key, value, rel_key, rel_query = inputs[:5]
+    bias = inputs[5] if len(inputs) > 5 and inputs[5] else ""
     heads, span, max_position = attrs["num_heads"], attrs["span"], attrs["max_position"]
     q, k, v = (b.op("Cast", b.split_heads(t, heads), to=1) for t in (query, key, value))  # [B,H,N,D] float32
-    kr, qr = (b.op("Transpose", b.op("Reshape", b.op("Cast", t, to=1), b.const([0, heads, -1])), perm=[1, 0, 2])
-              for t in (rel_key, rel_query))  # [H, 2*span, D]
     shape_q, shape_k = b.op("Shape", q), b.op("Shape", k)
     delta = _relative_index(b, b.dim(shape_q, 2), b.dim(shape_k, 2), span, max_position)  # [Nq, Nk]
     bh = b.op("Concat", b.dim(shape_q, 0), b.dim(shape_q, 1), axis=0)
-    c2p = b.op("GatherElements", b.op("MatMul", q, b.transpose_last(kr, 3)),
-               b.op("Expand", delta, b.op("Concat", bh, b.op("Shape", delta), axis=0)), axis=3)
-    delta_t = b.op("Transpose", delta, perm=[1, 0])
-    p2c = b.op("GatherElements", b.op("MatMul", k, b.transpose_last(qr, 3)),
-               b.op("Expand", delta_t, b.op("Concat", bh, b.op("Shape", delta_t), axis=0)), axis=3)
-    scores = b.op("Add", b.op("Add", b.op("MatMul", q, b.transpose_last(k, 4)), c2p), b.transpose_last(p2c, 4))
+    scores = b.op("MatMul", q, b.transpose_last(k, 4))
+
+    def table(t):  # [2*span, H*D] -> [H, 2*span, D]
+        return b.op("Transpose", b.op("Reshape", b.op("Cast", t, to=1), b.const([0, heads, -1])), perm=[1, 0, 2])
+
+    if attrs["c2p"]:
+        c2p = b.op("GatherElements", b.op("MatMul", q, b.transpose_last(table(rel_key), 3)),
+                   b.op("Expand", delta, b.op("Concat", bh, b.op("Shape", delta), axis=0)), axis=3)
+        scores = b.op("Add", scores, c2p)
+    if attrs["p2c"]:
+        delta_t = b.op("Transpose", delta, perm=[1, 0])
+        p2c = b.op("GatherElements", b.op("MatMul", k, b.transpose_last(table(rel_query), 3)),
+                   b.op("Expand", delta_t, b.op("Concat", bh, b.op("Shape", delta_t), axis=0)), axis=3)
+        scores = b.op("Add", scores, b.transpose_last(p2c, 4))
     if attrs["scale"]:
         scale = b.const(attrs["scale"], np.float32)
     else:
+        terms = 1 + int(bool(attrs["c2p"])) + int(bool(attrs["p2c"]))
         scale = b.op("Reciprocal", b.op("Sqrt", b.op("Mul", b.op("Cast", b.dim(shape_q, 3), to=1),
-                                                      b.const([3.0], np.float32))))
-    probs = b.op("Softmax", b.op("Mul", scores, scale), axis=-1)
-    b.merge_heads(b.op("CastLike", b.op("MatMul", probs, v), b.split_heads(query, heads)), outputs[0])
+                                                      b.const([float(terms)], np.float32))))
+    scores = b.op("Mul", scores, scale)
+    if bias:
+        scores = b.op("Add", scores, b.op("Cast", bias, to=1))
+    probs = b.op("Softmax", scores, axis=-1)
+    out = b.op("MatMul", probs, v)
+    if bias:
+        out = masked_rows_guard(b, scores, probs, out, v, attrs["masked_rows"])
+    b.merge_heads(b.op("CastLike", out, b.split_heads(query, heads)), outputs[0])
 
 
 def _relative_index(b: OnnxBuilder, nq: str, nk: str, span: int, max_position: int) -> str:
@@ -87,19 +129,20 @@ def _relative_index(b: OnnxBuilder, nq: str, nk: str, span: int, max_position: i
     cols = b.op("Range", zero, b.op("Squeeze", nk), one)
     relative = b.op("Sub", b.unsqueeze(rows, [1]), b.unsqueeze(cols, [0]))  # int64
     if max_position > 0:
+        # make_log_bucket_position in float32, as transformers computes it
         mid = span // 2
-        relative = b.op("Clip", relative, b.const(-(max_position - 1)), b.const(max_position - 1))
-        as_float = b.op("Cast", relative, to=11)  # double, as the reference
-        sign = b.op("Sign", as_float)
-        magnitude = b.op("Abs", as_float)
-        inside = b.op("Less", magnitude, b.const(float(mid), np.float64))
-        magnitude = b.op("Where", inside, b.const(float(mid - 1), np.float64), magnitude)
-        ratio = b.op("Div", b.op("Log", b.op("Div", magnitude, b.const(float(mid), np.float64))),
-                     b.const(math.log((max_position - 1) / mid), np.float64))
-        log_position = b.op("Add", b.op("Ceil", b.op("Mul", ratio, b.const(float(mid - 1), np.float64))),
-                            b.const(float(mid), np.float64))
-        bucketed = b.op("Cast", b.op("Mul", log_position, sign), to=7)
-        relative = b.op("Where", b.op("LessOrEqual", magnitude, b.const(float(mid), np.float64)), relative, bucketed)
+        sign = b.op("Sign", relative)
+        magnitude = b.op("Abs", relative)
+        inside = b.op("Less", magnitude, b.const(mid))
+        magnitude = b.op("Where", inside, b.const(mid - 1), magnitude)
+        # the log in double, rounded to float32 (correctly rounded, as the reference and the kernel take it)
+        scaled = b.op("Div", b.op("Cast", magnitude, to=1), b.const(float(mid), np.float32))
+        ratio = b.op("Div", b.op("Cast", b.op("Log", b.op("Cast", scaled, to=11)), to=1),
+                     b.const(log_denominator(span, max_position), np.float32))
+        log_position = b.op("Add", b.op("Ceil", b.op("Mul", ratio, b.const(float(mid - 1), np.float32))),
+                            b.const(float(mid), np.float32))
+        bucketed = b.op("Mul", b.op("Cast", log_position, to=7), sign)
+        relative = b.op("Where", b.op("LessOrEqual", magnitude, b.const(mid)), relative, bucketed)
     shifted = b.op("Add", relative, b.const(span))
     return b.op("Clip", shifted, b.const(0), b.const(2 * span - 1))
 
@@ -114,13 +157,18 @@ CONTRACT = OpContract(
         TensorSpec("value", 3, FLOATS, "[B, N, H*D]"),
         TensorSpec("rel_key", 2, FLOATS, "[2*span, H*D] projected relative embeddings for content-to-position"),
         TensorSpec("rel_query", 2, FLOATS, "[2*span, H*D] projected relative embeddings for position-to-content"),
+        TensorSpec("bias", 4, FLOATS, "[B or 1, H or 1, Nq or 1, Nk] additive; -inf masks a key", optional=True),
     ),
     outputs=(TensorSpec("output", 3, FLOATS, "[B, N, H*D]"),),
     attributes=(
         Attribute("num_heads", "int", 1, "H"),
         Attribute("span", "int", 256, "k: relative positions (or buckets) per side; tables have 2k rows"),
         Attribute("max_position", "int", 512, "log-bucket range L; 0 means no bucketing (v1)"),
-        Attribute("scale", "float", 0.0, "score scale; 0 means 1/sqrt(3 D)"),
+        Attribute("scale", "float", 0.0, "score scale; 0 means 1/sqrt((1 + c2p + p2c) D)"),
+        Attribute("c2p", "int", 1, "1: add the content-to-position term"),
+        Attribute("p2c", "int", 1, "1: add the position-to-content term"),
+        Attribute("masked_rows", "string", "zeros",
+                  "a row with every score -inf: " + ", ".join(MASKED_ROWS) + " (mean of the values)"),
     ),
     reference=reference,
     decompose=decompose,

@@ -32,14 +32,16 @@ enum class DataType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // ---------------------------------------------------------------------------------------------------------------
 // BlockSparseAttention (attn_export/ops/block_sparse_attention.py)
-// Per head and query block i: softmax over the union of key blocks block_index[h, i, :] (entries outside
-// [0, N/block_size) ignored, repeats counted once); global rows (the first and last global_blocks query blocks)
-// see every key. A row that sees no key is zero.
+// Per head and query block i: softmax over the key blocks block_index[h, i, :] (entries outside [0, N/block_size)
+// ignored; repeats counted once, or with count_repeats once per listed slot); global rows (the first and last
+// global_blocks query blocks) see every key. key_bias (optional) is added to every score of key j. A row that sees
+// no key (or only keys biased -inf) is zero.
 struct BlockSparseAttentionParams {
   const void* query;           // [batch, seq_len, num_heads * head_dim]
   const void* key;             // [batch, seq_len, num_heads * head_dim]
   const void* value;           // [batch, seq_len, num_heads * head_dim]
   const int32_t* block_index;  // [index_heads, seq_len / block_size, blocks_per_row]
+  const void* key_bias;        // [batch, seq_len] or nullptr; -inf masks a key
   void* output;                // [batch, seq_len, num_heads * head_dim]
   int32_t batch;
   int32_t seq_len;             // must be a multiple of block_size
@@ -50,21 +52,26 @@ struct BlockSparseAttentionParams {
   int32_t block_size;
   float scale;                 // 0 means 1/sqrt(head_dim)
   int32_t global_blocks;
+  int32_t count_repeats;       // 1: a block listed r times weighs r times
 };
 
 // ---------------------------------------------------------------------------------------------------------------
 // DenseAttention (attn_export/ops/dense_attention.py)
-// weights(scale * q.k^T + bias [+ causal mask]) v with float32 statistics; bias broadcasts over batch and heads.
+// weights(scale * q.k^T + bias [+ causal mask]) v with float32 statistics; bias broadcasts over batch, heads and
+// query rows (index_math.h: bias_strides). A softmax row whose every score is -inf gives zeros, or the mean of the
+// values with masked_rows kMean.
 // weights: softmax over each row, or relu(s)^2 with no normalisation. With logits_input the bias is the whole
 // score (query and key are not read; scale and head_dim are ignored).
 // The codes of `score_fn`, in the order of dense_attention.SCORE_FNS.
 enum class ScoreFn : int32_t { kSoftmax = 0, kReluSquared = 1 };
+// The codes of `masked_rows`, in the order of dense_attention.MASKED_ROWS.
+enum class MaskedRows : int32_t { kZeros = 0, kMean = 1 };
 
 struct DenseAttentionParams {
   const void* query;           // [batch, q_len, num_heads * head_dim] (not read with logits_input)
   const void* key;             // [batch, kv_len, num_heads * head_dim] (not read with logits_input)
   const void* value;           // [batch, kv_len, num_heads * v_head_dim]
-  const void* bias;            // [bias_batch, bias_heads, q_len, kv_len] or nullptr; -inf masks a key
+  const void* bias;            // [bias_batch, bias_heads, bias_rows, kv_len] or nullptr; -inf masks a key
   void* output;                // [batch, q_len, num_heads * v_head_dim]
   int32_t batch;
   int32_t q_len;
@@ -73,11 +80,13 @@ struct DenseAttentionParams {
   int32_t v_head_dim;
   int32_t bias_batch;          // 1 or batch (ignored without bias)
   int32_t bias_heads;          // 1 or num_heads (ignored without bias)
+  int32_t bias_rows;           // 1 or q_len (ignored without bias); must be q_len with logits_input
   int32_t num_heads;
   float scale;                 // 0 means 1/sqrt(head_dim); ignored with logits_input
   int32_t causal;              // 1: query i sees keys j <= i + kv_len - q_len
   int32_t score_fn;            // enum ScoreFn
   int32_t logits_input;        // 1: bias (required) holds the logits
+  int32_t masked_rows;         // enum MaskedRows
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -106,14 +115,16 @@ struct KernelizedAttentionParams {
 
 // ---------------------------------------------------------------------------------------------------------------
 // DisentangledAttention (attn_export/ops/disentangled_attention.py)
-// DeBERTa: softmax(scale * (q.k + q.rel_key[delta] + k.rel_query[delta])) v with delta the (log-bucketed)
-// relative position shifted by span and clamped to [0, 2*span).
+// DeBERTa: softmax(scale * (q.k + c2p q.rel_key[delta] + p2c k.rel_query[delta]) + bias) v with delta the
+// (log-bucketed) relative position shifted by span and clamped to [0, 2*span) (index_math.h: relative_row). The
+// bias broadcasts like DenseAttention's; masked_rows as there.
 struct DisentangledAttentionParams {
   const void* query;           // [batch, seq_len, num_heads * head_dim]
   const void* key;             // [batch, seq_len, num_heads * head_dim]
   const void* value;           // [batch, seq_len, num_heads * head_dim]
   const void* rel_key;         // [2 * span, num_heads * head_dim]
   const void* rel_query;       // [2 * span, num_heads * head_dim]
+  const void* bias;            // [bias_batch, bias_heads, bias_rows, seq_len] or nullptr; -inf masks a key
   void* output;                // [batch, seq_len, num_heads * head_dim]
   int32_t batch;
   int32_t seq_len;
@@ -121,7 +132,13 @@ struct DisentangledAttentionParams {
   int32_t num_heads;
   int32_t span;
   int32_t max_position;        // 0: no log buckets (DeBERTa v1)
-  float scale;                 // 0 means 1/sqrt(3 * head_dim)
+  float scale;                 // 0 means 1/sqrt((1 + c2p + p2c) * head_dim)
+  int32_t c2p;                 // 1: content-to-position term (0: rel_key is not read)
+  int32_t p2c;                 // 1: position-to-content term (0: rel_query is not read)
+  int32_t masked_rows;         // enum MaskedRows
+  int32_t bias_batch;          // 1 or batch (ignored without bias)
+  int32_t bias_heads;          // 1 or num_heads (ignored without bias)
+  int32_t bias_rows;           // 1 or seq_len (ignored without bias)
 };
 
 // ---------------------------------------------------------------------------------------------------------------

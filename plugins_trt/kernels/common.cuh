@@ -10,6 +10,8 @@
 // for feeding P back into the second product without going through shared memory).
 #pragma once
 
+#include <cfloat>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -146,6 +148,18 @@ __device__ __forceinline__ float warp_sum(float x) {
 
 // Online-softmax reference point: the running max, or 0 while a row has seen no key (keeps -inf - -inf away).
 __device__ __forceinline__ float softmax_ref(float m) { return m == -INFINITY ? 0.f : m; }
+
+// A masked score under masked_rows "mean" (log2 units): finite, so a row of nothing else is uniform, and so low that
+// exp2(kMaskedLogit - m) is 0 next to any real score m.
+constexpr float kMaskedLogit = -1e30f;
+
+// An additive bias in the kernels' units (log2 for softmax). A finite fill such as finfo(float32).min overflows to
+// -inf when scaled by log2(e); it stays finite (-FLT_MAX) here, so a row of nothing else is uniform, as the exact
+// softmax of equal finite numbers is (masked_fill with a finite fill). -inf stays -inf and NaN stays NaN.
+__device__ __forceinline__ float bias_units(float bias, float units) {
+  const float x = bias * units;
+  return x == -INFINITY && bias != -INFINITY ? -FLT_MAX : x;
+}
 
 __device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752f)); }
 

@@ -3,7 +3,11 @@
 // Key tiles run from 0 to the last key any row of the query tile may see (causal tiles past the diagonal are never
 // loaded); the bias is read in the score's fragment layout, so it costs one pass over [Nq, Nk] and nothing more.
 // score_fn and logits_input are template arguments of the policy, so the softmax path compiles as before.
+// The bias is read through broadcast strides (index_math.h), so [B, 1, 1, Nk] padding masks need no expansion.
+// masked_rows kMean: a masked score (-inf from the bias or the causal mask) becomes kMaskedLogit, a finite floor, so
+// a row with no visible key averages every key uniformly while any visible key outweighs the floor by exp2(1e30).
 #include "attention_core.cuh"
+#include "index_math.h"
 
 namespace attn_export {
 namespace detail {
@@ -17,15 +21,16 @@ struct DensePolicy {
   static constexpr float kUnits = RELU_SQUARED ? 1.f : kLog2e;
 
   const T* bias;  // nullptr: none (never with LOGITS)
-  int64_t bias_batch_stride, bias_head_stride;
+  BiasStrides bias_strides;
   int q_len, kv_len, causal, diagonal;  // diagonal = kv_len - q_len: query i sees keys j <= i + diagonal
+  bool masked_mean;                     // masked_rows kMean (softmax only)
   float scale_units;                    // scale * kUnits
   int rows_per_tile;
   int tile;
 
   __device__ int prepare(int*, int, int, int q0) const {
     int keys = kv_len;
-    if (causal) {
+    if (causal && !masked_mean) {  // a row the causal mask empties averages every key with kMean
       const int last_row = min(q0 + rows_per_tile, q_len) - 1;
       keys = min(keys, max(last_row + diagonal + 1, 0));
     }
@@ -33,13 +38,11 @@ struct DensePolicy {
   }
   __device__ int tile_start(const int*, int it) const { return it * tile; }
   __device__ float logit(int b, int h, int i, int j, float qk) const {
-    if (i >= q_len || j >= kv_len || (causal && j > i + diagonal)) return -INFINITY;
+    if (i >= q_len || j >= kv_len) return -INFINITY;
+    if (causal && j > i + diagonal) return masked_mean ? kMaskedLogit : -INFINITY;
     float x = LOGITS ? 0.f : qk * scale_units;
-    if (LOGITS || bias) {
-      const int64_t at = b * bias_batch_stride + h * bias_head_stride + static_cast<int64_t>(i) * kv_len + j;
-      x += to_float(bias[at]) * kUnits;
-    }
-    return x;
+    if (LOGITS || bias) x += bias_units(to_float(bias[bias_offset(bias_strides, b, h, i, j)]), kUnits);
+    return masked_mean && x < kMaskedLogit ? kMaskedLogit : x;  // NaN stays NaN
   }
 };
 
@@ -52,9 +55,8 @@ cudaError_t run_with(const DenseAttentionParams& p, cudaStream_t stream) {
   using Policy = DensePolicy<T, RELU_SQUARED, LOGITS>;
   Policy pol{};
   pol.bias = static_cast<const T*>(p.bias);
-  const int64_t plane = static_cast<int64_t>(p.q_len) * p.kv_len;
-  pol.bias_head_stride = p.bias_heads == 1 ? 0 : plane;
-  pol.bias_batch_stride = p.bias_batch == 1 ? 0 : plane * p.bias_heads;
+  pol.bias_strides = bias_strides(p.bias_batch, p.bias_heads, p.bias_rows, p.kv_len);
+  pol.masked_mean = !RELU_SQUARED && p.masked_rows == static_cast<int32_t>(MaskedRows::kMean);
   pol.q_len = p.q_len, pol.kv_len = p.kv_len, pol.causal = p.causal != 0, pol.diagonal = p.kv_len - p.q_len;
   if (!LOGITS) {
     const float scale = p.scale != 0.f ? p.scale : 1.f / std::sqrt(static_cast<float>(p.head_dim));
@@ -95,7 +97,10 @@ cudaError_t launch_dense_attention(const DenseAttentionParams& p, DataType dtype
   if (p.logits_input != 0 && p.logits_input != 1) return cudaErrorInvalidValue;
   if (p.logits_input && !p.bias) return cudaErrorInvalidValue;  // the logits come in as the bias
   if (!p.logits_input && p.head_dim <= 0) return cudaErrorInvalidValue;
-  if (p.bias && ((p.bias_batch != 1 && p.bias_batch != p.batch) || (p.bias_heads != 1 && p.bias_heads != p.num_heads)))
+  if (p.bias && ((p.bias_batch != 1 && p.bias_batch != p.batch) || (p.bias_heads != 1 && p.bias_heads != p.num_heads) ||
+                 (p.bias_rows != 1 && p.bias_rows != p.q_len) || (p.logits_input && p.bias_rows != p.q_len)))
+    return cudaErrorInvalidValue;
+  if (p.masked_rows != static_cast<int32_t>(MaskedRows::kZeros) && p.masked_rows != static_cast<int32_t>(MaskedRows::kMean))
     return cudaErrorInvalidValue;
   if (p.q_len == 0) return cudaSuccess;
   return detail::dispatch_dtype(dtype, [&](auto t) { return detail::run<decltype(t)>(p, stream); });

@@ -1,12 +1,15 @@
 // DisentangledAttention (attn_export/ops/disentangled_attention.py), in three steps on one stream:
-//   1. delta[i - j + N - 1]: the (log-bucketed, clamped) relative index, one entry per distance, in double
-//      precision like the reference;
+//   1. delta[i - j + N - 1]: the (log-bucketed, clamped) relative index, one entry per distance, by
+//      index_math.h's relative_row (transformers' float32 make_log_bucket_position, tested on the host);
 //   2. c2p = Q rel_key^T and p2c = K rel_query^T, [B, H, N, 2*span] in fp32 (two batched GEMMs; 2*span columns,
 //      so O(N * span * D) work, not O(N^2 * D));
 //   3. fused attention whose scores gather c2p[i, delta] + p2c[j, delta] next to q.k, so the N x N
 //      score matrix never reaches memory (NVIDIA's DeBERTa plugin instead fuses only the gather and softmax).
+// c2p = 0 / p2c = 0 skip that GEMM and its gather. The optional bias is read through broadcast strides and
+// masked_rows kMean floors masked scores as DenseAttention does (attention_core.cuh: kMaskedLogit).
 #include "attention_core.cuh"
 #include "gemm.cuh"
+#include "index_math.h"
 
 namespace attn_export {
 namespace detail {
@@ -15,25 +18,20 @@ namespace {
 __global__ void relative_index_kernel(int* delta, int n, int span, int max_position) {
   const int x = blockIdx.x * blockDim.x + threadIdx.x;
   if (x >= 2 * n - 1) return;
-  long long rel = x - (n - 1);
-  if (max_position > 0) {
-    const int mid = span / 2;
-    if (rel > mid || rel < -mid) {  // DeBERTa-v2 make_log_bucket_position: outside +-mid, log-spaced buckets
-      const double magnitude = fabs(static_cast<double>(rel));
-      const double log_position =
-          ceil(log(magnitude / mid) / log(static_cast<double>(max_position - 1) / mid) * (mid - 1)) + mid;
-      rel = static_cast<long long>(rel > 0 ? log_position : -log_position);
-    }
-  }
-  const long long index = rel + span;
-  delta[x] = static_cast<int>(index < 0 ? 0 : (index > 2 * span - 1 ? 2 * span - 1 : index));
+  delta[x] = relative_row(static_cast<int64_t>(x) - (n - 1), span, max_position);
 }
 
+// BIAS is a template argument: without a bias nothing is masked, and the D=32 tensor-core kernel keeps its
+// registers (the runtime branch spilled on sm_80).
+template <typename T, bool BIAS>
 struct DisentangledPolicy {
-  const float* c2p;  // [B, H, N, 2*span]
-  const float* p2c;  // [B, H, N, 2*span]
+  const float* c2p;  // [B, H, N, 2*span] or nullptr (term off)
+  const float* p2c;  // [B, H, N, 2*span] or nullptr (term off)
   const int* delta;  // [2N - 1]
+  const T* bias;     // broadcast [bias_batch, bias_heads, bias_rows, N] (BIAS only)
+  BiasStrides bias_strides;
   int n, heads, two_span;
+  bool masked_mean;
   float scale_log2;
   int tile;
 
@@ -43,7 +41,15 @@ struct DisentangledPolicy {
     if (i >= n || j >= n) return -INFINITY;
     const int d = delta[i - j + n - 1];
     const int64_t plane = static_cast<int64_t>(b * heads + h) * n;
-    return (qk + c2p[(plane + i) * two_span + d] + p2c[(plane + j) * two_span + d]) * scale_log2;
+    float s = qk;
+    if (c2p) s += c2p[(plane + i) * two_span + d];
+    if (p2c) s += p2c[(plane + j) * two_span + d];
+    s *= scale_log2;
+    if constexpr (BIAS) {
+      s += bias_units(to_float(bias[bias_offset(bias_strides, b, h, i, j)]), kLog2e);
+      if (masked_mean && s < kMaskedLogit) s = kMaskedLogit;  // NaN stays NaN
+    }
+    return s;
   }
 };
 
@@ -64,6 +70,32 @@ Workspace carve(const DisentangledAttentionParams& p, void* base) {
   return ws;
 }
 
+template <typename T, bool BIAS>
+cudaError_t attend(const DisentangledAttentionParams& p, const Workspace& ws, cudaStream_t stream) {
+  const int n = p.seq_len, d = p.head_dim, heads = p.num_heads;
+  const AttentionProblem pr = make_problem(p.query, p.key, p.value, p.output, heads, n, n, d, d);
+  DisentangledPolicy<T, BIAS> pol{};
+  pol.c2p = p.c2p ? ws.c2p : nullptr, pol.p2c = p.p2c ? ws.p2c : nullptr, pol.delta = ws.delta;
+  pol.bias = static_cast<const T*>(p.bias);
+  pol.bias_strides = bias_strides(p.bias_batch, p.bias_heads, p.bias_rows, n);
+  pol.masked_mean = p.masked_rows == static_cast<int32_t>(MaskedRows::kMean);
+  pol.n = n, pol.heads = heads, pol.two_span = 2 * p.span;
+  const float terms = 1.f + (p.c2p ? 1.f : 0.f) + (p.p2c ? 1.f : 0.f);
+  const float scale = p.scale != 0.f ? p.scale : 1.f / std::sqrt(terms * d);
+  pol.scale_log2 = scale * kLog2e;
+  if constexpr (sizeof(T) == 2) {
+    if (tc_attention_applies<T>(pr)) {
+      switch (d) {
+        // with a bias, 32-key tiles at D=32 and 64: the bias gather's registers spill at 64 on sm_80
+        case 32: return launch_tc_attention<T, 32, 4, BIAS ? 32 : 64>(pr, pol, p.batch, 0, stream);
+        case 64: return launch_tc_attention<T, 64, 4, BIAS ? 32 : 64>(pr, pol, p.batch, 0, stream);
+        case 128: return launch_tc_attention<T, 128, 4, 32>(pr, pol, p.batch, 0, stream);
+      }
+    }
+  }
+  return launch_simt_attention<T>(pr, pol, p.batch, kSimtRows, kSimtKeys, 0, stream);
+}
+
 template <typename T>
 cudaError_t run(const DisentangledAttentionParams& p, void* workspace, cudaStream_t stream) {
   const int n = p.seq_len, d = p.head_dim, heads = p.num_heads, two_span = 2 * p.span;
@@ -78,27 +110,16 @@ cudaError_t run(const DisentangledAttentionParams& p, void* workspace, cudaStrea
   g.lda = static_cast<int64_t>(heads) * d, g.a_hi = g.lda * n, g.a_lo = d;
   g.ldb = static_cast<int64_t>(heads) * d, g.b_hi = 0, g.b_lo = d, g.b_nk = 1;
   g.ldc = two_span, g.c_lo = static_cast<int64_t>(n) * two_span, g.c_hi = g.c_lo * heads, g.c_float = 1;
-  g.a = p.query, g.b = p.rel_key, g.c = ws.c2p;
-  if ((err = launch_gemm<T>(g, stream)) != cudaSuccess) return err;
-  g.a = p.key, g.b = p.rel_query, g.c = ws.p2c;
-  if ((err = launch_gemm<T>(g, stream)) != cudaSuccess) return err;
-
-  const AttentionProblem pr = make_problem(p.query, p.key, p.value, p.output, heads, n, n, d, d);
-  DisentangledPolicy pol{};
-  pol.c2p = ws.c2p, pol.p2c = ws.p2c, pol.delta = ws.delta;
-  pol.n = n, pol.heads = heads, pol.two_span = two_span;
-  const float scale = p.scale != 0.f ? p.scale : 1.f / std::sqrt(3.f * d);
-  pol.scale_log2 = scale * kLog2e;
-  if constexpr (sizeof(T) == 2) {
-    if (tc_attention_applies<T>(pr)) {
-      switch (d) {
-        case 32: return launch_tc_attention<T, 32, 4, 64>(pr, pol, p.batch, 0, stream);
-        case 64: return launch_tc_attention<T, 64, 4, 64>(pr, pol, p.batch, 0, stream);
-        case 128: return launch_tc_attention<T, 128, 4, 32>(pr, pol, p.batch, 0, stream);
-      }
-    }
+  if (p.c2p) {
+    g.a = p.query, g.b = p.rel_key, g.c = ws.c2p;
+    if ((err = launch_gemm<T>(g, stream)) != cudaSuccess) return err;
   }
-  return launch_simt_attention<T>(pr, pol, p.batch, kSimtRows, kSimtKeys, 0, stream);
+  if (p.p2c) {
+    g.a = p.key, g.b = p.rel_query, g.c = ws.p2c;
+    if ((err = launch_gemm<T>(g, stream)) != cudaSuccess) return err;
+  }
+
+  return p.bias ? attend<T, true>(p, ws, stream) : attend<T, false>(p, ws, stream);
 }
 
 }  // namespace
@@ -113,6 +134,12 @@ size_t disentangled_attention_workspace_size(const DisentangledAttentionParams& 
 cudaError_t launch_disentangled_attention(const DisentangledAttentionParams& p, DataType dtype, void* workspace,
                                           cudaStream_t stream) {
   if (p.batch <= 0 || p.num_heads <= 0 || p.head_dim <= 0 || p.seq_len < 0 || p.span <= 0 || p.max_position < 0)
+    return cudaErrorInvalidValue;
+  if ((p.c2p != 0 && p.c2p != 1) || (p.p2c != 0 && p.p2c != 1) ||
+      (p.masked_rows != static_cast<int32_t>(MaskedRows::kZeros) && p.masked_rows != static_cast<int32_t>(MaskedRows::kMean)))
+    return cudaErrorInvalidValue;
+  if (p.bias && ((p.bias_batch != 1 && p.bias_batch != p.batch) || (p.bias_heads != 1 && p.bias_heads != p.num_heads) ||
+                 (p.bias_rows != 1 && p.bias_rows != p.seq_len)))
     return cudaErrorInvalidValue;
   if (p.seq_len == 0) return cudaSuccess;
   if (!workspace) return cudaErrorInvalidValue;

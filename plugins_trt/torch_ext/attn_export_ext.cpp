@@ -46,8 +46,9 @@ int32_t head_dim_of(const at::Tensor& x, int64_t num_heads, const char* name) {
 }
 
 at::Tensor block_sparse_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                                  const at::Tensor& block_index, int64_t num_heads, int64_t block_size, double scale,
-                                  int64_t global_blocks) {
+                                  const at::Tensor& block_index, const std::optional<at::Tensor>& key_bias,
+                                  int64_t num_heads, int64_t block_size, double scale, int64_t global_blocks,
+                                  int64_t count_repeats) {
   TORCH_CHECK(query.is_cuda() && query.dim() == 3, "query must be a CUDA tensor [B, N, H*D]");
   const c10::cuda::CUDAGuard guard(query.device());
   const at::Tensor q = query.contiguous(), k = floating(key, query, "key", 3), v = floating(value, query, "value", 3);
@@ -59,6 +60,14 @@ at::Tensor block_sparse_attention(const at::Tensor& query, const at::Tensor& key
   p.batch = q.size(0), p.seq_len = q.size(1), p.head_dim = head_dim_of(q, num_heads, "query");
   p.index_heads = table.size(0), p.blocks_per_row = table.size(2);
   p.num_heads = num_heads, p.block_size = block_size, p.scale = scale, p.global_blocks = global_blocks;
+  p.count_repeats = count_repeats;
+  TORCH_CHECK(count_repeats == 0 || count_repeats == 1, "count_repeats must be 0 or 1");
+  at::Tensor kb;
+  if (key_bias && key_bias->defined()) {
+    kb = floating(*key_bias, query, "key_bias", 2);
+    TORCH_CHECK(kb.size(0) == p.batch && kb.size(1) == p.seq_len, "key_bias must be [B, N], got ", kb.sizes());
+    p.key_bias = kb.data_ptr();
+  }
   TORCH_CHECK(block_size > 0 && p.seq_len % block_size == 0, "sequence length ", p.seq_len,
               " is not a multiple of block_size ", block_size);
   TORCH_CHECK(table.size(1) == p.seq_len / block_size, "block_index has ", table.size(1), " rows for ",
@@ -73,7 +82,7 @@ at::Tensor block_sparse_attention(const at::Tensor& query, const at::Tensor& key
 
 at::Tensor dense_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                            const std::optional<at::Tensor>& bias, int64_t num_heads, double scale, int64_t causal,
-                           int64_t score_fn, int64_t logits_input) {
+                           int64_t score_fn, int64_t logits_input, int64_t masked_rows) {
   TORCH_CHECK(query.is_cuda() && query.dim() == 3, "query must be a CUDA tensor [B, Nq, H*D]");
   TORCH_CHECK(logits_input == 0 || logits_input == 1, "logits_input must be 0 or 1");
   const c10::cuda::CUDAGuard guard(query.device());
@@ -82,6 +91,7 @@ at::Tensor dense_attention(const at::Tensor& query, const at::Tensor& key, const
   p.batch = query.size(0), p.q_len = query.size(1), p.kv_len = v.size(1);
   p.v_head_dim = head_dim_of(v, num_heads, "value");
   p.num_heads = num_heads, p.scale = scale, p.causal = causal, p.score_fn = score_fn, p.logits_input = logits_input;
+  p.masked_rows = masked_rows;
   TORCH_CHECK(v.size(0) == p.batch, "value must be [B, Nk, H*Dv]");
   at::Tensor q, k;
   if (!logits_input) {  // with logits_input the kernel reads neither, so neither is copied or checked
@@ -94,13 +104,14 @@ at::Tensor dense_attention(const at::Tensor& query, const at::Tensor& key, const
   at::Tensor b;
   if (bias && bias->defined()) {
     b = floating(*bias, query, "bias", 4);
+    // [B, 1, 1, Nk] padding masks broadcast over heads and query rows (the logits need every row)
     TORCH_CHECK((b.size(0) == 1 || b.size(0) == p.batch) && (b.size(1) == 1 || b.size(1) == num_heads) &&
-                    b.size(2) == p.q_len && b.size(3) == p.kv_len,
-                "bias must be [B or 1, H or 1, Nq, Nk], got ", b.sizes());
-    p.bias = b.data_ptr(), p.bias_batch = b.size(0), p.bias_heads = b.size(1);
+                    (b.size(2) == p.q_len || (!logits_input && b.size(2) == 1)) && b.size(3) == p.kv_len,
+                "bias must be [B or 1, H or 1, Nq", logits_input ? "" : " or 1", ", Nk], got ", b.sizes());
+    p.bias = b.data_ptr(), p.bias_batch = b.size(0), p.bias_heads = b.size(1), p.bias_rows = b.size(2);
   } else {
     TORCH_CHECK(!logits_input, "logits_input=1 needs the logits as the bias input");
-    p.bias_batch = p.bias_heads = 1;
+    p.bias_batch = p.bias_heads = p.bias_rows = 1;
   }
   p.value = v.data_ptr();
   at::Tensor out = at::empty({p.batch, p.q_len, num_heads * p.v_head_dim}, query.options());
@@ -141,20 +152,33 @@ at::Tensor kernelized_attention(const at::Tensor& query, const at::Tensor& key, 
 }
 
 at::Tensor disentangled_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                                  const at::Tensor& rel_key, const at::Tensor& rel_query, int64_t num_heads,
-                                  int64_t span, int64_t max_position, double scale) {
+                                  const at::Tensor& rel_key, const at::Tensor& rel_query,
+                                  const std::optional<at::Tensor>& bias, int64_t num_heads, int64_t span,
+                                  int64_t max_position, double scale, int64_t c2p, int64_t p2c, int64_t masked_rows) {
   TORCH_CHECK(query.is_cuda() && query.dim() == 3, "query must be a CUDA tensor [B, N, H*D]");
   const c10::cuda::CUDAGuard guard(query.device());
   const at::Tensor q = query.contiguous(), k = floating(key, query, "key", 3), v = floating(value, query, "value", 3);
   const at::Tensor rk = floating(rel_key, query, "rel_key", 2), rq = floating(rel_query, query, "rel_query", 2);
   TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "query, key and value must have one shape");
-  TORCH_CHECK(rk.size(0) == 2 * span && rk.size(1) == q.size(2) && rq.sizes() == rk.sizes(),
-              "rel_key and rel_query must be [2 * span, H*D]");
+  TORCH_CHECK((!c2p || (rk.size(0) >= 2 * span && rk.size(1) == q.size(2))) &&
+                  (!p2c || (rq.size(0) >= 2 * span && rq.size(1) == q.size(2))),
+              "rel_key and rel_query (where read) must be [2 * span, H*D]");
+  TORCH_CHECK((c2p == 0 || c2p == 1) && (p2c == 0 || p2c == 1), "c2p and p2c must be 0 or 1");
   attn_export::DisentangledAttentionParams p{};
   p.query = q.data_ptr(), p.key = k.data_ptr(), p.value = v.data_ptr();
   p.rel_key = rk.data_ptr(), p.rel_query = rq.data_ptr();
   p.batch = q.size(0), p.seq_len = q.size(1), p.head_dim = head_dim_of(q, num_heads, "query");
   p.num_heads = num_heads, p.span = span, p.max_position = max_position, p.scale = scale;
+  p.c2p = c2p, p.p2c = p2c, p.masked_rows = masked_rows;
+  p.bias_batch = p.bias_heads = p.bias_rows = 1;
+  at::Tensor b;
+  if (bias && bias->defined()) {
+    b = floating(*bias, query, "bias", 4);
+    TORCH_CHECK((b.size(0) == 1 || b.size(0) == p.batch) && (b.size(1) == 1 || b.size(1) == num_heads) &&
+                    (b.size(2) == 1 || b.size(2) == p.seq_len) && b.size(3) == p.seq_len,
+                "bias must be [B or 1, H or 1, N or 1, N], got ", b.sizes());
+    p.bias = b.data_ptr(), p.bias_batch = b.size(0), p.bias_heads = b.size(1), p.bias_rows = b.size(2);
+  }
   at::Tensor out = at::empty_like(q);
   p.output = out.data_ptr();
   at::Tensor ws = scratch(attn_export::disentangled_attention_workspace_size(p), q);

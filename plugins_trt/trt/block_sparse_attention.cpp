@@ -10,6 +10,8 @@ Status BlockSparseAttentionOp::checkFields(FieldValues const& f) {
   if (f.getInt(c::kNumHeads) < 1) return Status::error("num_heads must be at least 1");
   if (f.getInt(c::kBlockSize) < 1) return Status::error("block_size must be at least 1");
   if (f.getInt(c::kGlobalBlocks) < 0) return Status::error("global_blocks must not be negative");
+  int32_t const countRepeats = f.getInt(c::kCountRepeats);
+  if (countRepeats != 0 && countRepeats != 1) return Status::error("count_repeats must be 0 or 1");
   return Status();
 }
 
@@ -23,6 +25,7 @@ Status BlockSparseAttentionOp::makeParams(FieldValues const& f, TensorShape cons
   p.block_size = f.getInt(c::kBlockSize);
   p.scale = f.getFloat(c::kScale);
   p.global_blocks = f.getInt(c::kGlobalBlocks);
+  p.count_repeats = f.getInt(c::kCountRepeats);
   p.batch = extent(q.d[0]);
   p.seq_len = extent(q.d[1]);
   p.head_dim = p.num_heads > 0 ? extent(q.d[2]) / p.num_heads : 0;
@@ -51,14 +54,19 @@ Status BlockSparseAttentionOp::makeParams(FieldValues const& f, TensorShape cons
                          std::to_string(p.seq_len / p.block_size));
   }
   if (p.blocks_per_row < 1) return Status::error(describeInput(spec(), in, 3) + ": lists no key block per row");
+  if (nbInputs > 4 && (in[4].d[0] != q.d[0] || in[4].d[1] != q.d[1])) {
+    return Status::error(describeInput(spec(), in, 4) + " must be [" + std::to_string(q.d[0]) + ", " +
+                         std::to_string(q.d[1]) + "] (batch, sequence length)");
+  }
   return Status();
 }
 
-void BlockSparseAttentionOp::bind(Params& p, void const* const* inputs, int32_t /*nbInputs*/, void* output) {
+void BlockSparseAttentionOp::bind(Params& p, void const* const* inputs, int32_t nbInputs, void* output) {
   p.query = inputs[0];
   p.key = inputs[1];
   p.value = inputs[2];
   p.block_index = static_cast<int32_t const*>(inputs[3]);
+  p.key_bias = nbInputs > 4 ? inputs[4] : nullptr;
   p.output = output;
 }
 

@@ -9,6 +9,8 @@ namespace c = contracts::dense_attention;
 // The generated option order is the kernel's enum order (both follow dense_attention.SCORE_FNS).
 static_assert(static_cast<int32_t>(ScoreFn::kSoftmax) == 0 && static_cast<int32_t>(ScoreFn::kReluSquared) == 1,
               "score_fn codes follow SCORE_FNS");
+static_assert(static_cast<int32_t>(MaskedRows::kZeros) == 0 && static_cast<int32_t>(MaskedRows::kMean) == 1,
+              "masked_rows codes follow MASKED_ROWS");
 
 Status DenseAttentionOp::checkFields(FieldValues const& f) {
   if (f.getInt(c::kNumHeads) < 1) return Status::error("num_heads must be at least 1");
@@ -16,7 +18,7 @@ Status DenseAttentionOp::checkFields(FieldValues const& f) {
   if (causal != 0 && causal != 1) return Status::error("causal must be 0 or 1");
   int32_t const logitsInput = f.getInt(c::kLogitsInput);
   if (logitsInput != 0 && logitsInput != 1) return Status::error("logits_input must be 0 or 1");
-  // an unknown score_fn never gets here: FieldValues::set refuses it, naming the options
+  // an unknown score_fn or masked_rows never gets here: FieldValues::set refuses it, naming the options
   return Status();
 }
 
@@ -33,6 +35,7 @@ Status DenseAttentionOp::makeParams(FieldValues const& f, TensorShape const* in,
   p.causal = f.getInt(c::kCausal);
   p.score_fn = f.getCode(c::kScoreFn);
   p.logits_input = logits ? 1 : 0;
+  p.masked_rows = f.getCode(c::kMaskedRows);
   p.batch = extent(q.d[0]);
   p.q_len = extent(q.d[1]);
   // With logits_input the keys are the value's rows and the query only gives batch and rows: its width and the
@@ -42,6 +45,7 @@ Status DenseAttentionOp::makeParams(FieldValues const& f, TensorShape const* in,
   p.v_head_dim = p.num_heads > 0 ? extent(v.d[2]) / p.num_heads : 0;
   p.bias_batch = hasBias ? extent(in[3].d[0]) : 1;
   p.bias_heads = hasBias ? extent(in[3].d[1]) : 1;
+  p.bias_rows = hasBias ? extent(in[3].d[2]) : 1;
 
   if (logits) {
     if (p.num_heads < 1 || v.d[2] % p.num_heads != 0) {
@@ -68,12 +72,14 @@ Status DenseAttentionOp::makeParams(FieldValues const& f, TensorShape const* in,
   }
   if (hasBias) {
     TensorShape const& bias = in[3];
+    // a padding mask is [B, 1, 1, Nk]: batch, heads and (except for logits) query rows broadcast
+    bool const rowsOk = bias.d[2] == q.d[1] || (!logits && bias.d[2] == 1);
     bool const ok = (bias.d[0] == 1 || bias.d[0] == q.d[0]) && (bias.d[1] == 1 || bias.d[1] == p.num_heads) &&
-                    bias.d[2] == q.d[1] && bias.d[3] == p.kv_len;
+                    rowsOk && bias.d[3] == p.kv_len;
     if (!ok) {
       return Status::error(describeInput(spec(), in, 3) + " must be [1 or " + std::to_string(q.d[0]) + ", 1 or " +
-                           std::to_string(p.num_heads) + ", " + std::to_string(q.d[1]) + ", " +
-                           std::to_string(p.kv_len) + "]" + (logits ? " (the logits)" : ""));
+                           std::to_string(p.num_heads) + ", " + (logits ? "" : "1 or ") + std::to_string(q.d[1]) +
+                           ", " + std::to_string(p.kv_len) + "]" + (logits ? " (the logits)" : ""));
     }
   }
   return Status();

@@ -13,42 +13,46 @@ namespace contracts {
 inline constexpr char kPluginNamespace[] = "attn_export";
 // Fingerprint of the tables below (attn_export.plugin_contracts.contracts_digest()), recorded by engine
 // manifests.
-#define ATTN_EXPORT_CONTRACTS_DIGEST "2b5385de98378761"
+#define ATTN_EXPORT_CONTRACTS_DIGEST "b136f04c3f8eb673"
 inline constexpr char kContractsDigest[] = ATTN_EXPORT_CONTRACTS_DIGEST;
 
 // BlockSparseAttention v1: attn_export/ops/block_sparse_attention.py
 namespace block_sparse_attention {
 inline constexpr char kName[] = "BlockSparseAttention";
 inline constexpr char kVersion[] = "1";
-enum Field : int32_t { kNumHeads = 0, kBlockSize = 1, kScale = 2, kGlobalBlocks = 3 };
+enum Field : int32_t { kNumHeads = 0, kBlockSize = 1, kScale = 2, kGlobalBlocks = 3, kCountRepeats = 4 };
 inline constexpr FieldSpec kFields[] = {
     {"num_heads", FieldKind::kInt, 1, 0.0f, "", nullptr, 0, nullptr, 0},
     {"block_size", FieldKind::kInt, 64, 0.0f, "", nullptr, 0, nullptr, 0},
     {"scale", FieldKind::kFloat, 0, 0.0f, "", nullptr, 0, nullptr, 0},
     {"global_blocks", FieldKind::kInt, 0, 0.0f, "", nullptr, 0, nullptr, 0},
+    {"count_repeats", FieldKind::kInt, 0, 0.0f, "", nullptr, 0, nullptr, 0},
 };
 inline constexpr InputSpec kInputs[] = {
     {"query", 3, TensorKind::kFloating, false},
     {"key", 3, TensorKind::kFloating, false},
     {"value", 3, TensorKind::kFloating, false},
     {"block_index", 3, TensorKind::kInt32, false},
+    {"key_bias", 2, TensorKind::kFloating, true},
 };
 inline constexpr DimSource kOutputDims[] = {{0, 0, 0}, {0, 1, 0}, {0, 2, 0}};
-inline constexpr OpSpec kSpec{kName, kVersion, kPluginNamespace, kFields, 4, kInputs, 4, 4, kOutputDims, 3};
+inline constexpr OpSpec kSpec{kName, kVersion, kPluginNamespace, kFields, 5, kInputs, 5, 4, kOutputDims, 3};
 }  // namespace block_sparse_attention
 
 // DenseAttention v1: attn_export/ops/dense_attention.py
 namespace dense_attention {
 inline constexpr char kName[] = "DenseAttention";
 inline constexpr char kVersion[] = "1";
-enum Field : int32_t { kNumHeads = 0, kScale = 1, kCausal = 2, kScoreFn = 3, kLogitsInput = 4 };
+enum Field : int32_t { kNumHeads = 0, kScale = 1, kCausal = 2, kScoreFn = 3, kLogitsInput = 4, kMaskedRows = 5 };
 inline constexpr char const* kScoreFnOptions[] = {"softmax", "relu_squared"};
+inline constexpr char const* kMaskedRowsOptions[] = {"zeros", "mean"};
 inline constexpr FieldSpec kFields[] = {
     {"num_heads", FieldKind::kInt, 1, 0.0f, "", nullptr, 0, nullptr, 0},
     {"scale", FieldKind::kFloat, 0, 0.0f, "", nullptr, 0, nullptr, 0},
     {"causal", FieldKind::kInt, 0, 0.0f, "", nullptr, 0, nullptr, 0},
     {"score_fn", FieldKind::kString, 0, 0.0f, "softmax", kScoreFnOptions, 2, nullptr, 0},
     {"logits_input", FieldKind::kInt, 0, 0.0f, "", nullptr, 0, nullptr, 0},
+    {"masked_rows", FieldKind::kString, 0, 0.0f, "zeros", kMaskedRowsOptions, 2, nullptr, 0},
 };
 inline constexpr InputSpec kInputs[] = {
     {"query", 3, TensorKind::kFloating, false},
@@ -57,19 +61,23 @@ inline constexpr InputSpec kInputs[] = {
     {"bias", 4, TensorKind::kFloating, true},
 };
 inline constexpr DimSource kOutputDims[] = {{0, 0, 0}, {0, 1, 0}, {2, 2, 0}};
-inline constexpr OpSpec kSpec{kName, kVersion, kPluginNamespace, kFields, 5, kInputs, 4, 3, kOutputDims, 3};
+inline constexpr OpSpec kSpec{kName, kVersion, kPluginNamespace, kFields, 6, kInputs, 4, 3, kOutputDims, 3};
 }  // namespace dense_attention
 
 // DisentangledAttention v1: attn_export/ops/disentangled_attention.py
 namespace disentangled_attention {
 inline constexpr char kName[] = "DisentangledAttention";
 inline constexpr char kVersion[] = "1";
-enum Field : int32_t { kNumHeads = 0, kSpan = 1, kMaxPosition = 2, kScale = 3 };
+enum Field : int32_t { kNumHeads = 0, kSpan = 1, kMaxPosition = 2, kScale = 3, kC2p = 4, kP2c = 5, kMaskedRows = 6 };
+inline constexpr char const* kMaskedRowsOptions[] = {"zeros", "mean"};
 inline constexpr FieldSpec kFields[] = {
     {"num_heads", FieldKind::kInt, 1, 0.0f, "", nullptr, 0, nullptr, 0},
     {"span", FieldKind::kInt, 256, 0.0f, "", nullptr, 0, nullptr, 0},
     {"max_position", FieldKind::kInt, 512, 0.0f, "", nullptr, 0, nullptr, 0},
     {"scale", FieldKind::kFloat, 0, 0.0f, "", nullptr, 0, nullptr, 0},
+    {"c2p", FieldKind::kInt, 1, 0.0f, "", nullptr, 0, nullptr, 0},
+    {"p2c", FieldKind::kInt, 1, 0.0f, "", nullptr, 0, nullptr, 0},
+    {"masked_rows", FieldKind::kString, 0, 0.0f, "zeros", kMaskedRowsOptions, 2, nullptr, 0},
 };
 inline constexpr InputSpec kInputs[] = {
     {"query", 3, TensorKind::kFloating, false},
@@ -77,9 +85,10 @@ inline constexpr InputSpec kInputs[] = {
     {"value", 3, TensorKind::kFloating, false},
     {"rel_key", 2, TensorKind::kFloating, false},
     {"rel_query", 2, TensorKind::kFloating, false},
+    {"bias", 4, TensorKind::kFloating, true},
 };
 inline constexpr DimSource kOutputDims[] = {{0, 0, 0}, {0, 1, 0}, {0, 2, 0}};
-inline constexpr OpSpec kSpec{kName, kVersion, kPluginNamespace, kFields, 4, kInputs, 5, 5, kOutputDims, 3};
+inline constexpr OpSpec kSpec{kName, kVersion, kPluginNamespace, kFields, 7, kInputs, 6, 5, kOutputDims, 3};
 }  // namespace disentangled_attention
 
 // KernelizedAttention v1: attn_export/ops/linear_attention.py

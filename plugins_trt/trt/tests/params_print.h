@@ -22,15 +22,16 @@ inline std::string print(BlockSparseAttentionParams const& p) {
   Printer o;
   o("batch", p.batch)("seq_len", p.seq_len)("head_dim", p.head_dim)("index_heads", p.index_heads)(
       "blocks_per_row", p.blocks_per_row)("num_heads", p.num_heads)("block_size", p.block_size)("scale", p.scale)(
-      "global_blocks", p.global_blocks);
+      "global_blocks", p.global_blocks)("count_repeats", p.count_repeats);
   return o.out.str();
 }
 
 inline std::string print(DenseAttentionParams const& p) {
   Printer o;
   o("batch", p.batch)("q_len", p.q_len)("kv_len", p.kv_len)("head_dim", p.head_dim)("v_head_dim", p.v_head_dim)(
-      "bias_batch", p.bias_batch)("bias_heads", p.bias_heads)("num_heads", p.num_heads)("scale", p.scale)(
-      "causal", p.causal)("score_fn", p.score_fn)("logits_input", p.logits_input);
+      "bias_batch", p.bias_batch)("bias_heads", p.bias_heads)("bias_rows", p.bias_rows)("num_heads", p.num_heads)(
+      "scale", p.scale)("causal", p.causal)("score_fn", p.score_fn)("logits_input", p.logits_input)(
+      "masked_rows", p.masked_rows);
   return o.out.str();
 }
 
@@ -45,7 +46,8 @@ inline std::string print(KernelizedAttentionParams const& p) {
 inline std::string print(DisentangledAttentionParams const& p) {
   Printer o;
   o("batch", p.batch)("seq_len", p.seq_len)("head_dim", p.head_dim)("num_heads", p.num_heads)("span", p.span)(
-      "max_position", p.max_position)("scale", p.scale);
+      "max_position", p.max_position)("scale", p.scale)("c2p", p.c2p)("p2c", p.p2c)("masked_rows", p.masked_rows)(
+      "bias_batch", p.bias_batch)("bias_heads", p.bias_heads)("bias_rows", p.bias_rows);
   return o.out.str();
 }
 
