@@ -20,7 +20,7 @@ from onnx import helper
 from ..ops import BLOCK_SPARSE_ATTENTION, DENSE_ATTENTION
 from . import concatenated_keys
 from .chunk_layout import ChunkLayout
-from .framework import (Match, NotFused, check_no_escape, closed_region, constant, escaping_tensor, has_dynamic_shapes,
+from .framework import (FamilyPass, register, Match, NotFused, check_no_escape, closed_region, constant, escaping_tensor, has_dynamic_shapes,
                         keep_shared_layouts, region, untransposed, verify_numerically, walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
@@ -59,6 +59,15 @@ def match(index: GraphIndex, probe: Probe, anchor: onnx.NodeProto, name: str) ->
         raise NotFused(f"queries are not split in heads (shape {per_head_q}, expected [B, H, N, D])")
     batch, heads, q_len, head_dim = per_head_q
     v_head_dim = per_head_v[3]
+    # where the walk up from a product ends in neither layout the op reads (a packed qkv projection sliced into
+    # q, k and v), the op reads the per-head operand of the product itself
+    k_per_head, k_is_transposed = untransposed(index, probe, chain.qk.input[1])
+    starts = {"query": chain.qk.input[0], "key": None if k_is_transposed else k_per_head, "value": pv.input[1]}
+    (q, q_factor), (k, k_factor), (v, _) = [
+        (tensor, factor) if _reads_as_op_input(probe, tensor, batch, heads, dim) or starts[what] is None
+        else (starts[what], 1.0)
+        for tensor, factor, dim, what in ((q, q_factor, head_dim, "query"), (k, k_factor, head_dim, "key"),
+                                          (v, 1.0, v_head_dim, "value"))]
     layouts = [_op_layout(probe, tensor, batch, heads, dim, what, name)
                for tensor, dim, what in ((q, head_dim, "query"), (k, head_dim, "key"), (v, v_head_dim, "value"))]
     op_inputs = [layout[0] for layout in layouts]
@@ -175,6 +184,13 @@ def _split_heads_nodes(op_output: str, per_head: str, heads: int, name: str) -> 
                              name=f"{name}/output_transpose")]
 
 
+def _reads_as_op_input(probe: Probe, tensor: str, batch: int, heads: int, dim: int) -> bool:
+    """[B, N, H*D], or per-head [B, H, N, D]: the two layouts `_op_layout` takes."""
+    shape = probe.shape(tensor)
+    return shape is not None and ((len(shape) == 3 and shape[0] == batch and shape[2] == heads * dim) or
+                                  (len(shape) == 4 and tuple(shape[:2]) == (batch, heads) and shape[3] == dim))
+
+
 def _op_layout(probe: Probe, tensor: str, batch: int, heads: int, dim: int, what: str, name: str):
     """How the op reads a q/k/v boundary tensor: as is when it is [B, N, H*D]; through a new Transpose + Reshape
     when the walk stopped at a per-head [B, H, N, D] tensor (e.g. MGK's keys, concatenated per head).
@@ -241,3 +257,6 @@ def _merged_output(index: GraphIndex, probe: Probe, start: str, shape: tuple, li
             return None
         tensor = users[0].output[0]
     return None
+
+
+FAMILY = register(FamilyPass("dense_attention", 100, OP, candidates, match))
