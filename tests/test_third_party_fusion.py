@@ -3,6 +3,7 @@ from re-implementations on PyPI, and attention spelled as research code spells i
 fills). Each either fuses with parity on padded and fully masked rows, or is reported per model layer, never
 skipped."""
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ from attn_export import api
 from attn_export.backends import OnnxRuntimeRunner
 from attn_export.export import export_onnx
 from attn_export.passes.probe import padding_mask
+from test_cli import run
 
 transformers = pytest.importorskip("transformers")
 
@@ -173,7 +175,7 @@ REIMPLEMENTATIONS = [("performer", "torchscript"), ("gau", "dynamo"), ("gau", "t
 
 
 @pytest.mark.parametrize("name,exporter", REIMPLEMENTATIONS)
-def test_einsum_written_reimplementations_are_never_missed(name, exporter):
+def test_einsum_written_reimplementations_are_never_missed(name, exporter, capsys, tmp_path):
     module = _reimplementation(name)
 
     class Call(torch.nn.Module):
@@ -191,6 +193,9 @@ def test_einsum_written_reimplementations_are_never_missed(name, exporter):
     assert all(layer.name.startswith("inner") for layer in report.layers), report.as_dict()
     if not report.all_fused:  # what is left is reported with a reason, so --strict fails on it
         assert all(layer.reason for layer in report.layers if layer.status != "fused")
+        onnx.save(model, tmp_path / "model.onnx")
+        code, out, _ = run(capsys, "fuse", tmp_path / "model.onnx", "-o", tmp_path / "fused.onnx", "--strict")
+        assert code == 1 and "not fused" in out
     got = OnnxRuntimeRunner(fused, "fused").run({"x": np.ones((1, 32, 32), np.float32)})
     want = OnnxRuntimeRunner(model, "reference").run({"x": np.ones((1, 32, 32), np.float32)})
     for name_, value in want.items():

@@ -36,7 +36,7 @@ def candidates(index: GraphIndex, probe: Probe):
                                                      or concatenated_keys.is_concatenated(index, probe, softmax)):
             yield softmax
     for relu in relu_squared_nodes(index):
-        if value_product(index, relu) is not None and not isinstance(score_chain(index, probe, relu.input[0]), str):
+        if value_product(index, relu) is not None:
             yield relu
 
 
@@ -46,6 +46,8 @@ def match(index: GraphIndex, probe: Probe, anchor: onnx.NodeProto, name: str) ->
     if pv is None:
         return concatenated_keys.match(index, probe, anchor, name)
     chain = score_chain(index, probe, anchor.input[0])
+    if isinstance(chain, str) and anchor.op_type == "Relu":
+        raise NotFused(f"relu^2 attention weights: {chain}")
     if isinstance(chain, str):
         return _match_logits(index, probe, anchor, name, f"{chain}, and as materialised logits: ")
     layout = ChunkLayout.of(probe, chain.qk.input[0])

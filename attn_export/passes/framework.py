@@ -75,13 +75,15 @@ class Match:
 
 
 def scalar_value(index: GraphIndex, probe: Probe, name: str) -> float | None:
-    """The value of a static scalar tensor, else None."""
+    """The value of a static scalar tensor that is the same at every probe shape, else None (a factor computed
+    from the shape, such as 1/N, is not a constant)."""
     if not index.is_static(name):
         return None
-    value = probe.runs[0].get(name)
-    if value is None or np.size(value) != 1:
+    values = [run.get(name) for run in probe.runs]
+    if any(v is None or np.size(v) != 1 for v in values):
         return None
-    return float(np.asarray(value).reshape(()))
+    value = float(np.asarray(values[0]).reshape(()))
+    return value if all(float(np.asarray(v).reshape(())) == value for v in values) else None
 
 
 def walk_to_boundary(index: GraphIndex, probe: Probe, tensor: str, through: set[str] = frozenset()):

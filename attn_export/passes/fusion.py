@@ -11,7 +11,7 @@ from .framework import FAMILY_PASSES, NotFused, replace_all
 from .fusion_report import FusionReport, LayerResult, layer_name
 from .graph import GraphIndex, remove_dead_nodes, topological_sort
 from .probe import Probe
-from .softmax_core import NO_SCORE_PRODUCT, NO_VALUE_PRODUCT, find_core, softmax_nodes
+from .softmax_core import NO_SCORE_PRODUCT, NO_VALUE_PRODUCT, find_core, softmax_nodes, value_product
 
 del block_sparse, dense_attention, linear_attention, long_convolution, mixture_of_experts, onnx_attention
 
@@ -34,7 +34,7 @@ def fuse_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
             if (earlier and earlier.status == "fused") or id(anchor) in claimed or id(anchor) in final:
                 continue  # fused by an earlier family, refused for good, or inside a layer fused already
             # a later family may still fuse what an earlier one could not; if none can, the first reason stands
-            name = earlier.name if earlier else layer_name(anchor)
+            name = earlier.name if earlier else _scope(index, anchor)
             try:
                 m = family.match(index, probe, candidate, _unique_prefix(name, prefixes))
                 if any(id(n) in claimed for n in m.nodes):
@@ -67,7 +67,7 @@ def _report_unclaimed_softmax(index: GraphIndex, probe: Probe, seen: set[int], r
         if core in (NO_SCORE_PRODUCT, NO_VALUE_PRODUCT):
             continue  # a softmax that is not attention (a classifier head, a gate)
         reason = core if isinstance(core, str) else "dense softmax attention: no fusion pass for this family yet"
-        report.parts.append(LayerResult(layer_name(softmax), "", "not fused", reason))
+        report.parts.append(LayerResult(_scope(index, softmax), "", "not fused", reason))
 
 
 def _report_leftovers(index: GraphIndex, probe: Probe, claimed: set[int], report: FusionReport) -> None:
@@ -147,6 +147,13 @@ def _softmax_products(index: GraphIndex, depth: int = 6) -> set[int]:
                      index.descendants(set(softmax.output))[:depth]):
             found.update(id(n) for n in step if n.op_type == "MatMul")
     return found
+
+
+def _scope(index: GraphIndex, anchor: onnx.NodeProto) -> str:
+    """The layer an anchor belongs to: that of its value product where it has one (a softmax or relu written as
+    a module of its own, like FLASH-pytorch's ReLUSquared, sits one scope below its layer)."""
+    product = value_product(index, anchor) if anchor.op_type in ("Softmax", "Relu") else None
+    return layer_name(product if product is not None else anchor)
 
 
 def _unique_prefix(name: str, taken: set[str]) -> str:

@@ -87,6 +87,7 @@ def run_all_tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dic
             if out and out not in known:
                 probe.graph.output.append(onnx.ValueInfoProto(name=out))
                 known.add(out)
+    ort.set_default_logger_severity(3)  # graph-optimizer notes are not the user's business
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4  # errors reach the user as one line of ours

@@ -66,6 +66,9 @@ def score_chain(index: GraphIndex, probe: Probe, scores: str) -> ScoreChain | st
         if node.op_type in ("Mul", "Div"):
             other = node.input[1 - slot]
             value = scalar_value(index, probe, other)
+            if value is None and index.is_static(other) and np.size(probe.runs[0].get(other, 0)) == 1:
+                return (f"scores are scaled by a factor that changes with the input shape (such as 1/N; "
+                        f"{node.op_type} '{node.name}'); the op's scale is a constant")
             if value is None or value == 0 or (node.op_type == "Div" and slot != 0):
                 return f"scores are scaled by a non-constant or per-element tensor ({node.op_type} '{node.name}')"
             scale *= value if node.op_type == "Mul" else 1.0 / value
