@@ -191,6 +191,9 @@ def test_einsum_written_reimplementations_are_never_missed(name, exporter, capsy
     fused, report = api.fuse(model)
     assert report.attention_layers >= 1, "attention written with Einsum must be seen"
     assert all(layer.name.startswith("inner") for layer in report.layers), report.as_dict()
+    if name == "gau":  # relu^2 over the whole sequence, its 1/N folded into the query: the op's relu^2 form
+        assert report.all_fused and _fused_ops(fused) == ["DenseAttention"], report.as_dict()
+        assert report.layers[0].attributes["score_fn"] == "relu_squared"
     if not report.all_fused:  # what is left is reported with a reason, so --strict fails on it
         assert all(layer.reason for layer in report.layers if layer.status != "fused")
         onnx.save(model, tmp_path / "model.onnx")

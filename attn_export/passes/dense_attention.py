@@ -45,7 +45,7 @@ def match(index: GraphIndex, probe: Probe, anchor: onnx.NodeProto, name: str) ->
     pv = value_product(index, anchor)
     if pv is None:
         return concatenated_keys.match(index, probe, anchor, name)
-    chain = score_chain(index, probe, anchor.input[0])
+    chain = score_chain(index, probe, anchor.input[0], shape_factors_ok=True)
     if isinstance(chain, str) and anchor.op_type == "Relu":
         raise NotFused(f"relu^2 attention weights: {chain}")
     if isinstance(chain, str):
@@ -70,11 +70,12 @@ def match(index: GraphIndex, probe: Probe, anchor: onnx.NodeProto, name: str) ->
         else (starts[what], 1.0)
         for tensor, factor, dim, what in ((q, q_factor, head_dim, "query"), (k, k_factor, head_dim, "key"),
                                           (v, 1.0, v_head_dim, "value"))]
-    layouts = [_op_layout(probe, tensor, batch, heads, dim, what, name)
-               for tensor, dim, what in ((q, head_dim, "query"), (k, head_dim, "key"), (v, v_head_dim, "value"))]
+    q_scaled, scale_nodes = chain.fold_shape_factors(probe, q, name, index.model.opset_import)
+    layouts = [_op_layout(probe, tensor, batch, heads, dim, what, name) for tensor, dim, what in
+               ((q_scaled, head_dim, "query"), (k, head_dim, "key"), (v, v_head_dim, "value"))]
     op_inputs = [layout[0] for layout in layouts]
     layout_values = [layout[1] for layout in layouts]
-    new_nodes = [n for layout in layouts for n in layout[2]]
+    new_nodes = scale_nodes + [n for layout in layouts for n in layout[2]]
     new_inits = [t for layout in layouts for t in layout[3]]
 
     output, op_output, expected, out_nodes, out_inits = _output_side(index, probe, pv, heads, name)
@@ -114,8 +115,10 @@ def _match_per_chunk(index: GraphIndex, probe: Probe, anchor: onnx.NodeProto, ch
     q, k, v themselves, chunks folded into its batch, and the graph's per-head output is rebuilt from its output."""
     q, v, output = chain.qk.input[0], pv.input[1], pv.output[0]
     k, k_transposed = untransposed(index, probe, chain.qk.input[1])
-    inputs, values, op_output, expected, new_nodes, new_inits = layout.qkv_into_op(probe, q, k, v, output, name,
-                                                                                   k_transposed)
+    q_scaled, scale_nodes = chain.fold_shape_factors(probe, q, name, index.model.opset_import)
+    inputs, values, op_output, expected, new_nodes, new_inits = layout.qkv_into_op(probe, q_scaled, k, v, output,
+                                                                                   name, k_transposed)
+    new_nodes = scale_nodes + new_nodes
     nodes = closed_region(index, [q, k, v, *chain.side_inputs(index)], output)
 
     score_fn = "softmax" if anchor.op_type == "Softmax" else "relu_squared"
