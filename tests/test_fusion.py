@@ -87,16 +87,18 @@ def test_attention_with_an_escaping_tensor_is_reported_not_fused():
 
 def test_fused_graph_that_disagrees_is_refused(monkeypatch, tmp_path):
     module, model, inputs = _export("performer", "dynamo", False)
+    import dataclasses
+
+    import attn_export.passes.fusion as fusion
     import attn_export.passes.linear_attention as lin
 
-    real_match = lin.match
-
     def wrong_match(*args, **kwargs):
-        m = real_match(*args, **kwargs)
+        m = lin.match(*args, **kwargs)
         m.attrs["causal"] = 1 - m.attrs["causal"]  # a wrong fusion slipping past verification
         return m
 
-    monkeypatch.setattr(lin, "match", wrong_match)
+    monkeypatch.setattr(fusion, "FAMILY_PASSES", [dataclasses.replace(f, match=wrong_match) if f is lin.FAMILY else f
+                                                  for f in fusion.FAMILY_PASSES])
     with pytest.raises(UserError, match="refusing to write the fused graph"):
         api.fuse(model, tmp_path / "fused.onnx")
     assert not (tmp_path / "fused.onnx").exists()
@@ -177,13 +179,13 @@ def test_chunked_materialised_and_two_part_layers_fuse_with_parity(name, exporte
     assert report.all_fused, report.as_dict()
     ops = [n.op_type for n in fused.graph.node if n.domain == "attn_export"]
     assert {op: ops.count(op) for op in set(ops)} == _expected_ops(name, module.config)
-    attention = [layer.attributes for layer in report.layers if layer.op == "DenseAttention"]
+    attention = [part.attributes for part in report.parts if part.op == "DenseAttention"]
     if name == "evolving":  # every map is read by the next layer's convolution, so it stays materialised
         assert all(a["logits_input"] == 1 for a in attention)
     if name == "flash":
         assert all(a["score_fn"] == "relu_squared" for a in attention)
         assert all(layer.attributes["feature_map"] == "identity" and layer.attributes["normalize"] == 0
-                   for layer in report.layers if layer.op == "KernelizedAttention")
+                   for layer in report.parts if layer.op == "KernelizedAttention")
     assert not [n for n in fused.graph.node if name == "flash" and n.op_type == "Relu"]
     # Transformer-LS keeps its dynamic projection: a softmax over the tokens that makes the landmarks, not attention
     softmaxes = [n for n in fused.graph.node if n.op_type == "Softmax"]

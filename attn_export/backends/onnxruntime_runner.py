@@ -17,6 +17,7 @@ class OnnxRuntimeRunner(Runner):
         super().__init__(label)
         import onnxruntime as ort
 
+        ort.set_default_logger_severity(3)  # graph-optimizer notes are not the user's business
         options = ort.SessionOptions()
         options.log_severity_level = 4  # errors reach the user as one line of ours
         try:

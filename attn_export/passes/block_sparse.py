@@ -8,7 +8,7 @@ import onnx
 from onnx import helper
 
 from ..ops import BLOCK_SPARSE_ATTENTION
-from .framework import (GATHER_OPS, Match, NotFused, closed_region, constant, find_output, has_dynamic_shapes, region,
+from .framework import (FamilyPass, register, GATHER_OPS, Match, NotFused, closed_region, constant, find_output, has_dynamic_shapes, region,
                         run_subgraph, static_tensor_matching, verify_numerically, walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
@@ -128,3 +128,6 @@ def _gathered_keys(index: GraphIndex, core: SoftmaxCore) -> str:
     if node is not None and node.op_type == "Transpose":
         return node.input[0]
     raise NotFused("keys enter the QK product without a transpose")
+
+
+FAMILY = register(FamilyPass("block_sparse", 10, OP, candidates, match, anchor=lambda core: core.softmax))

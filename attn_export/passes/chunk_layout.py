@@ -156,17 +156,21 @@ class ChunkLayout:
                                  name=f"{name}/bias_expand")]
             inits = inits + size_inits + [constant(f"{name}/bias_ones", np.ones(self.rank, np.int64))]
             tensor = f"{name}/bias_full"
-        target = np.array([-1, head_size, *values[0].shape[-2:]], np.int64)
+        # [-1, H or 1, Nq, Nk], Nq and Nk read from the bias itself: they follow the sequence where it is not chunked
         nodes = nodes + [
             helper.make_node("Transpose", [tensor], [f"{name}/bias_t"], perm=perm, name=f"{name}/bias_transpose"),
+            helper.make_node("Shape", [f"{name}/bias_t"], [f"{name}/bias_rows_keys"], start=-2,
+                             name=f"{name}/bias_rows_keys"),
+            helper.make_node("Concat", [f"{name}/bias_lead", f"{name}/bias_rows_keys"], [f"{name}/bias_shape"],
+                             axis=0, name=f"{name}/bias_shape"),
             helper.make_node("Reshape", [f"{name}/bias_t", f"{name}/bias_shape"], [f"{name}/bias_op"],
                              name=f"{name}/bias_merge")]
-        inits = inits + [constant(f"{name}/bias_shape", target)]
+        inits = inits + [constant(f"{name}/bias_lead", np.array([-1, head_size], np.int64))]
 
         def value(run):
             v = values[run]
             if per_batch:
                 like_shape = probe.shape(like, run)
                 v = np.broadcast_to(v, [like_shape[a] if a in self.batch else v.shape[a] for a in range(self.rank)])
-            return np.ascontiguousarray(v.transpose(perm).reshape(target))
+            return np.ascontiguousarray(v.transpose(perm).reshape(-1, head_size, *v.shape[-2:]))
         return f"{name}/bias_op", value, nodes, inits

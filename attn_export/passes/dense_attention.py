@@ -20,7 +20,7 @@ from onnx import helper
 from ..ops import BLOCK_SPARSE_ATTENTION, DENSE_ATTENTION
 from . import concatenated_keys
 from .chunk_layout import ChunkLayout
-from .framework import (Match, NotFused, check_no_escape, closed_region, constant, escaping_tensor, has_dynamic_shapes,
+from .framework import (FamilyPass, register, Match, NotFused, check_no_escape, closed_region, constant, escaping_tensor, has_dynamic_shapes,
                         keep_shared_layouts, region, untransposed, verify_numerically, walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
@@ -36,7 +36,7 @@ def candidates(index: GraphIndex, probe: Probe):
                                                      or concatenated_keys.is_concatenated(index, probe, softmax)):
             yield softmax
     for relu in relu_squared_nodes(index):
-        if value_product(index, relu) is not None and not isinstance(score_chain(index, probe, relu.input[0]), str):
+        if value_product(index, relu) is not None:
             yield relu
 
 
@@ -45,7 +45,9 @@ def match(index: GraphIndex, probe: Probe, anchor: onnx.NodeProto, name: str) ->
     pv = value_product(index, anchor)
     if pv is None:
         return concatenated_keys.match(index, probe, anchor, name)
-    chain = score_chain(index, probe, anchor.input[0])
+    chain = score_chain(index, probe, anchor.input[0], shape_factors_ok=True)
+    if isinstance(chain, str) and anchor.op_type == "Relu":
+        raise NotFused(f"relu^2 attention weights: {chain}")
     if isinstance(chain, str):
         return _match_logits(index, probe, anchor, name, f"{chain}, and as materialised logits: ")
     layout = ChunkLayout.of(probe, chain.qk.input[0])
@@ -59,11 +61,21 @@ def match(index: GraphIndex, probe: Probe, anchor: onnx.NodeProto, name: str) ->
         raise NotFused(f"queries are not split in heads (shape {per_head_q}, expected [B, H, N, D])")
     batch, heads, q_len, head_dim = per_head_q
     v_head_dim = per_head_v[3]
-    layouts = [_op_layout(probe, tensor, batch, heads, dim, what, name)
-               for tensor, dim, what in ((q, head_dim, "query"), (k, head_dim, "key"), (v, v_head_dim, "value"))]
+    # where the walk up from a product ends in neither layout the op reads (a packed qkv projection sliced into
+    # q, k and v), the op reads the per-head operand of the product itself
+    k_per_head, k_is_transposed = untransposed(index, probe, chain.qk.input[1])
+    starts = {"query": chain.qk.input[0], "key": None if k_is_transposed else k_per_head, "value": pv.input[1]}
+    (q, q_factor), (k, k_factor), (v, _) = [
+        (tensor, factor) if _reads_as_op_input(probe, tensor, batch, heads, dim) or starts[what] is None
+        else (starts[what], 1.0)
+        for tensor, factor, dim, what in ((q, q_factor, head_dim, "query"), (k, k_factor, head_dim, "key"),
+                                          (v, 1.0, v_head_dim, "value"))]
+    q_scaled, scale_nodes = chain.fold_shape_factors(probe, q, name, index.model.opset_import)
+    layouts = [_op_layout(probe, tensor, batch, heads, dim, what, name) for tensor, dim, what in
+               ((q_scaled, head_dim, "query"), (k, head_dim, "key"), (v, v_head_dim, "value"))]
     op_inputs = [layout[0] for layout in layouts]
     layout_values = [layout[1] for layout in layouts]
-    new_nodes = [n for layout in layouts for n in layout[2]]
+    new_nodes = scale_nodes + [n for layout in layouts for n in layout[2]]
     new_inits = [t for layout in layouts for t in layout[3]]
 
     output, op_output, expected, out_nodes, out_inits = _output_side(index, probe, pv, heads, name)
@@ -103,8 +115,10 @@ def _match_per_chunk(index: GraphIndex, probe: Probe, anchor: onnx.NodeProto, ch
     q, k, v themselves, chunks folded into its batch, and the graph's per-head output is rebuilt from its output."""
     q, v, output = chain.qk.input[0], pv.input[1], pv.output[0]
     k, k_transposed = untransposed(index, probe, chain.qk.input[1])
-    inputs, values, op_output, expected, new_nodes, new_inits = layout.qkv_into_op(probe, q, k, v, output, name,
-                                                                                   k_transposed)
+    q_scaled, scale_nodes = chain.fold_shape_factors(probe, q, name, index.model.opset_import)
+    inputs, values, op_output, expected, new_nodes, new_inits = layout.qkv_into_op(probe, q_scaled, k, v, output,
+                                                                                   name, k_transposed)
+    new_nodes = scale_nodes + new_nodes
     nodes = closed_region(index, [q, k, v, *chain.side_inputs(index)], output)
 
     score_fn = "softmax" if anchor.op_type == "Softmax" else "relu_squared"
@@ -175,6 +189,13 @@ def _split_heads_nodes(op_output: str, per_head: str, heads: int, name: str) -> 
                              name=f"{name}/output_transpose")]
 
 
+def _reads_as_op_input(probe: Probe, tensor: str, batch: int, heads: int, dim: int) -> bool:
+    """[B, N, H*D], or per-head [B, H, N, D]: the two layouts `_op_layout` takes."""
+    shape = probe.shape(tensor)
+    return shape is not None and ((len(shape) == 3 and shape[0] == batch and shape[2] == heads * dim) or
+                                  (len(shape) == 4 and tuple(shape[:2]) == (batch, heads) and shape[3] == dim))
+
+
 def _op_layout(probe: Probe, tensor: str, batch: int, heads: int, dim: int, what: str, name: str):
     """How the op reads a q/k/v boundary tensor: as is when it is [B, N, H*D]; through a new Transpose + Reshape
     when the walk stopped at a per-head [B, H, N, D] tensor (e.g. MGK's keys, concatenated per head).
@@ -241,3 +262,6 @@ def _merged_output(index: GraphIndex, probe: Probe, start: str, shape: tuple, li
             return None
         tensor = users[0].output[0]
     return None
+
+
+FAMILY = register(FamilyPass("dense_attention", 100, OP, candidates, match))

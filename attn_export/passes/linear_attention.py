@@ -17,7 +17,7 @@ import numpy as np
 
 from ..ops import LINEAR_ATTENTION
 from .chunk_layout import ChunkLayout
-from .framework import (GATHER_OPS, Match, NotFused, closed_region, constant, find_output, region, scalar_value,
+from .framework import (FamilyPass, register, GATHER_OPS, Match, NotFused, closed_region, constant, find_output, region, scalar_value,
                         untransposed, verify_numerically, walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
@@ -140,3 +140,6 @@ def _match_identity(index: GraphIndex, probe: Probe, product: StateProduct, name
     if why:
         raise NotFused(f"the op's reference does not reproduce the graph: {why}")
     return Match(OP, name, inputs, op_output, attrs, nodes, new_inits, new_nodes)
+
+
+FAMILY = register(FamilyPass("linear_attention", 20, OP, candidates, match, anchor=lambda pair: pair[0]))

@@ -15,7 +15,7 @@ import torch
 from onnx import helper
 
 from ..ops import LONG_CONVOLUTION
-from .framework import Match, NotFused, closed_region, constant, find_output, verify_numerically, walk_to_boundary
+from .framework import FamilyPass, register, Match, NotFused, closed_region, constant, find_output, verify_numerically, walk_to_boundary
 from .graph import GraphIndex
 from .probe import Probe
 
@@ -94,3 +94,6 @@ def match(index: GraphIndex, probe: Probe, conv: onnx.NodeProto, name: str) -> M
     if why:
         raise NotFused(f"the op's reference does not reproduce the graph: {why}")
     return Match(OP, name, [u] + names, output, op_attrs, nodes, [constant(n, v) for n, v in zip(names, values)])
+
+
+FAMILY = register(FamilyPass("long_convolution", 40, OP, candidates, match))

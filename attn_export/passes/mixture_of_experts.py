@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from ..ops import MIXTURE_OF_EXPERTS
-from .framework import (Match, NotFused, closed_region, find_output, has_dynamic_shapes, verify_numerically,
+from .framework import (FamilyPass, register, Match, NotFused, closed_region, find_output, has_dynamic_shapes, verify_numerically,
                         walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
@@ -92,3 +92,6 @@ def _simplest_factor(tokens: list[int], slots: list[int], experts: int) -> float
         if candidate <= high:
             return float(candidate)
     return None
+
+
+FAMILY = register(FamilyPass("mixture_of_experts", 30, OP, candidates, match))

@@ -12,7 +12,7 @@ import onnx
 from onnx import helper
 
 from ..ops import DENSE_ATTENTION
-from .framework import Match, NotFused, constant, unsqueeze_to_rank, verify_numerically
+from .framework import FamilyPass, register, Match, NotFused, constant, unsqueeze_to_rank, verify_numerically
 from .graph import GraphIndex
 from .probe import Probe
 
@@ -68,3 +68,6 @@ def _mask_as_bias(probe: Probe, mask: str, name: str):
         nodes.append(helper.make_node("Where", [mask, zero, neg_inf], [bias], name=f"{name}/mask_to_bias"))
     rank4_nodes, rank4_inits, bias = unsqueeze_to_rank(bias, value.ndim, name)
     return nodes + rank4_nodes, inits + rank4_inits, bias
+
+
+FAMILY = register(FamilyPass("onnx_attention", 50, OP, candidates, match))

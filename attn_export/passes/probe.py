@@ -36,7 +36,11 @@ def probe_shapes(model: onnx.ModelProto) -> list[dict[str, list[int]]]:
     return shapes
 
 
-def random_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]], seed: int) -> dict[str, np.ndarray]:
+def random_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]], seed: int,
+                  fully_masked_row: bool = False) -> dict[str, np.ndarray]:
+    """Random floats; integer and boolean inputs of rank 2 or more as padding masks (0/1 ids are valid for any
+    vocabulary too): batch row 0 full, later rows with a shorter valid prefix, and with `fully_masked_row` the last
+    row all padding, so masks with padded and fully masked rows reach the verifier."""
     rng = np.random.default_rng(seed)
     feeds = {}
     inits = {t.name for t in model.graph.initializer}
@@ -45,13 +49,32 @@ def random_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]], seed: in
             continue
         dtype = helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
         shape = shapes[inp.name]
-        if np.issubdtype(dtype, np.integer):
-            feeds[inp.name] = rng.integers(0, 2, size=shape).astype(dtype)  # small ids are valid for any vocabulary
-        elif dtype == np.bool_:
-            feeds[inp.name] = np.ones(shape, dtype=bool)
+        if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+            feeds[inp.name] = (padding_mask(shape, fully_masked_row) if len(shape) >= 2
+                               else rng.integers(0, 2, size=shape)).astype(dtype)
         else:
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
     return feeds
+
+
+def padding_mask(shape: list[int], fully_masked_row: bool = False) -> np.ndarray:
+    """1 for the valid prefix of each batch row along the last axis: row b keeps N - b*N/(2B) positions (at least
+    one); the last row keeps none with `fully_masked_row`."""
+    batch, n = shape[0], shape[-1]
+    mask = np.zeros(shape, np.int64)
+    for b in range(batch):
+        mask[b, ..., :max(1, n - (b * n) // (2 * batch))] = 1
+    if fully_masked_row and batch > 1:
+        mask[-1] = 0
+    return mask
+
+
+def mask_inputs(model: onnx.ModelProto) -> list[str]:
+    """The integer and boolean inputs of rank 2 or more: padding masks (or ids, which take 0/1 as well)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [inp.name for inp in model.graph.input if inp.name not in inits and len(inp.type.tensor_type.shape.dim) >= 2
+            and (np.issubdtype(dtype := helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type), np.integer)
+                 or dtype == np.bool_)]
 
 
 def run_all_tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -64,6 +87,7 @@ def run_all_tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dic
             if out and out not in known:
                 probe.graph.output.append(onnx.ValueInfoProto(name=out))
                 known.add(out)
+    ort.set_default_logger_severity(3)  # graph-optimizer notes are not the user's business
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4  # errors reach the user as one line of ours
@@ -82,6 +106,12 @@ class Probe:
     def __init__(self, model: onnx.ModelProto):
         self.shapes = probe_shapes(model)
         self.feeds = [random_inputs(model, s, seed=i) for i, s in enumerate(self.shapes)]
+        masks = mask_inputs(model)
+        if masks and all(self.shapes[0][name][0] > 1 for name in masks):
+            # one more run where a whole batch row is padding: fully masked rows are where -inf and finite
+            # fills (finfo.min, -10000) differ, and a fusion must reproduce the graph there too
+            self.shapes = [*self.shapes, self.shapes[0]]
+            self.feeds.append(random_inputs(model, self.shapes[0], seed=0, fully_masked_row=True))
         try:
             self.runs = [run_all_tensors(model, f) for f in self.feeds]
         except Exception as e:

@@ -21,8 +21,23 @@ CHAIN_OPS = {"Mul", "Div", "Add", "Sub", "Where", "Cast"}
 class ScoreChain:
     """The nodes between the QK product and the softmax, from the product down, and where the scores enter each."""
 
-    def __init__(self, qk: onnx.NodeProto, steps: list[tuple[onnx.NodeProto, int]], scale: float):
+    def __init__(self, qk: onnx.NodeProto, steps: list[tuple[onnx.NodeProto, int]], scale: float,
+                 shape_factors: list[tuple[str, str]] = ()):
         self.qk, self.steps, self.scale = qk, steps, scale
+        # scalar factors computed from the input shape (GAU's 1/N): (tensor, "Mul" or "Div"), folded into the query
+        self.shape_factors = list(shape_factors)
+
+    def fold_shape_factors(self, probe: Probe, query: str, name: str, opset_imports) -> tuple[str, list]:
+        """The query times the chain's shape-dependent factors (the op's scale is a constant): the new query and
+        the nodes that make it, already evaluated on the probe."""
+        nodes = []
+        for i, (factor, op_type) in enumerate(self.shape_factors):
+            scaled = f"{name}/query_scaled{i}"
+            nodes.append(helper.make_node(op_type, [query, factor], [scaled], name=scaled))
+            query = scaled
+        if nodes:
+            probe.evaluate(nodes, [n.output[0] for n in nodes], opset_imports)
+        return query, nodes
 
     def side_inputs(self, index: GraphIndex) -> list[str]:
         """Data-dependent tensors the chain reads besides the scores (a mask or bias computed elsewhere)."""
@@ -47,10 +62,11 @@ def _reaches_qk(index: GraphIndex, tensor: str, depth: int = 12) -> bool:
     return any(_reaches_qk(index, i, depth - 1) for i in index.dynamic_inputs(node))
 
 
-def score_chain(index: GraphIndex, probe: Probe, scores: str) -> ScoreChain | str:
+def score_chain(index: GraphIndex, probe: Probe, scores: str, shape_factors_ok: bool = False) -> ScoreChain | str:
     """The chain that makes `scores` (what a softmax reads), or why it is not an affine function of one QK^T
-    product."""
-    steps, scale, tensor = [], 1.0, scores
+    product. With `shape_factors_ok` a scalar factor computed from the input shape is kept in the chain for the
+    caller to fold into the query."""
+    steps, scale, tensor, shape_factors = [], 1.0, scores, []
     while True:
         node = index.producer.get(tensor)
         if node is None:
@@ -66,9 +82,15 @@ def score_chain(index: GraphIndex, probe: Probe, scores: str) -> ScoreChain | st
         if node.op_type in ("Mul", "Div"):
             other = node.input[1 - slot]
             value = scalar_value(index, probe, other)
-            if value is None or value == 0 or (node.op_type == "Div" and slot != 0):
+            if value is None and _shape_scalar(index, probe, other) and (node.op_type == "Mul" or slot == 0):
+                if not shape_factors_ok:
+                    return (f"scores are scaled by a factor that changes with the input shape (such as 1/N; "
+                            f"{node.op_type} '{node.name}'); the op's scale is a constant")
+                shape_factors.append((other, node.op_type))
+            elif value is None or value == 0 or (node.op_type == "Div" and slot != 0):
                 return f"scores are scaled by a non-constant or per-element tensor ({node.op_type} '{node.name}')"
-            scale *= value if node.op_type == "Mul" else 1.0 / value
+            else:
+                scale *= value if node.op_type == "Mul" else 1.0 / value
         elif node.op_type == "Sub" and slot != 0:
             return "scores are subtracted from another tensor"
         elif node.op_type == "Where" and slot == 0:
@@ -76,7 +98,13 @@ def score_chain(index: GraphIndex, probe: Probe, scores: str) -> ScoreChain | st
         steps.append((node, slot))
         tensor = node.input[slot]
     steps.reverse()
-    return ScoreChain(node, steps, scale)
+    return ScoreChain(node, steps, scale, shape_factors)
+
+
+def _shape_scalar(index: GraphIndex, probe: Probe, tensor: str) -> bool:
+    """A static scalar, nonzero at every probe shape (its value may differ between them)."""
+    values = [run.get(tensor) for run in probe.runs]
+    return index.is_static(tensor) and all(v is not None and np.size(v) == 1 and np.all(v != 0) for v in values)
 
 
 def chain_bias(index: GraphIndex, probe: Probe, chain: ScoreChain, name: str, rank4: bool = True):

@@ -1,0 +1,163 @@
+"""Einsum spelled as MatMul: research code writes attention as `einsum('bhid,bhjd->bhij', q, k)`; the family
+passes read MatMul, so every Einsum the graph holds is first rewritten into Transpose / Unsqueeze / MatMul (or Mul
+when nothing is contracted) / ReduceSum / Squeeze, and kept only where the rewrite reproduces the Einsum's own
+values on every probe. An Einsum that cannot be rewritten stays, and the safety net reports it when it is a
+product of two data tensors."""
+from __future__ import annotations
+
+import string
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .graph import GraphIndex
+from .probe import Probe
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def normalize_einsums(model: onnx.ModelProto, probe: Probe) -> int:
+    """Rewrites the Einsums of `model` in place; returns how many were rewritten. `probe` learns the new tensors."""
+    from .framework import run_nodes
+
+    index = GraphIndex(model)
+    rewritten, new_nodes = 0, []
+    for node in list(model.graph.node):
+        replacement = None
+        if node.op_type == "Einsum":
+            try:
+                replacement = _rewrite(node, index, probe)
+            except _Unsupported:
+                replacement = None
+        if replacement and all(_same(run_nodes(replacement, node.output[0], values, model.opset_import),
+                                     values[node.output[0]]) for values in probe.runs):
+            new_nodes.extend(replacement)
+            probe.evaluate(replacement[:-1], [o for n in replacement[:-1] for o in n.output], model.opset_import)
+            rewritten += 1
+        else:
+            new_nodes.append(node)
+    if rewritten:
+        del model.graph.node[:]
+        model.graph.node.extend(new_nodes)
+    return rewritten
+
+
+def _same(got: np.ndarray, expected: np.ndarray) -> bool:
+    """Equal up to float rounding; NaN where the Einsum gives NaN (it reads a fully masked softmax row)."""
+    finite = np.abs(expected[np.isfinite(expected)])
+    scale = float(finite.max()) if finite.size else 0.0
+    return got.shape == expected.shape and bool(np.allclose(got, expected, rtol=1e-4, atol=1e-5 * max(scale, 1.0),
+                                                            equal_nan=True))
+
+
+def _parse(equation: str, ranks: list[int]) -> tuple[list[str], str]:
+    """Operand and output subscripts with '...' spelled out as letters no operand uses (broadcast right-aligned)."""
+    equation = equation.replace(" ", "")
+    if "->" not in equation:
+        raise _Unsupported("implicit output")
+    lhs, out = equation.split("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ranks):
+        raise _Unsupported("operand count")
+    used = set(equation) - set(".,->")
+    free = [c for c in string.ascii_letters if c not in used]
+    ellipsis_rank = max((r - len(t.replace("...", "")) for t, r in zip(terms, ranks) if "..." in t), default=0)
+    letters = "".join(free[:ellipsis_rank])
+    spelled = []
+    for term, rank in zip(terms, ranks):
+        if "..." in term:
+            own = rank - len(term.replace("...", ""))
+            term = term.replace("...", letters[ellipsis_rank - own:] if own else "")
+        if len(term) != rank or len(set(term)) != len(term):
+            raise _Unsupported("rank mismatch or a repeated subscript (a diagonal)")
+        spelled.append(term)
+    return spelled, out.replace("...", letters)
+
+
+class _Builder:
+    """New nodes named after the Einsum and carrying its metadata, so they report under the Einsum's module."""
+
+    def __init__(self, node: onnx.NodeProto):
+        self.einsum, self.nodes = node, []
+
+    def _node(self, op: str, inputs: list[str], output: str | None, **attrs) -> onnx.NodeProto:
+        name = f"{self.einsum.name or self.einsum.output[0]}_{op}_{len(self.nodes)}"
+        node = helper.make_node(op, inputs, [output or f"{name}_out"], name=name, **attrs)
+        node.metadata_props.extend(self.einsum.metadata_props)
+        self.nodes.append(node)
+        return node
+
+    def add(self, op: str, inputs: list[str], output: str | None = None, **attrs) -> str:
+        return self._node(op, inputs, output, **attrs).output[0]
+
+    def const(self, values: list[int]) -> str:
+        return self._node("Constant", [], None, value=onnx.numpy_helper.from_array(np.array(values, np.int64))).output[0]
+
+    def arrange(self, tensor: str, have: str, want: str) -> str:
+        """`tensor` with subscripts `have` laid out as `want` (a superset of `have`: missing ones become size 1)."""
+        present = [c for c in want if c in have]
+        if present != list(have):
+            tensor = self.add("Transpose", [tensor], perm=[have.index(c) for c in present])
+        missing = [i for i, c in enumerate(want) if c not in have]
+        if missing:
+            tensor = self.add("Unsqueeze", [tensor, self.const(missing)])
+        return tensor
+
+    def reduce(self, tensor: str, have: str, drop: set[str]) -> tuple[str, str]:
+        """Sums over the subscripts in `drop` (size-1 placeholder axes are squeezed)."""
+        summed = [i for i, c in enumerate(have) if c in drop and c not in (_ROW, _COLUMN)]
+        if summed:
+            tensor = self.add("ReduceSum", [tensor, self.const(summed)], keepdims=1)
+        axes = [i for i, c in enumerate(have) if c in drop]
+        if axes:
+            tensor = self.add("Squeeze", [tensor, self.const(axes)])
+        return tensor, "".join(c for c in have if c not in drop)
+
+
+def _rewrite(node: onnx.NodeProto, index: GraphIndex, probe: Probe) -> list[onnx.NodeProto]:
+    equation = next(a.s.decode() for a in node.attribute if a.name == "equation")
+    shapes = [probe.shape(i) for i in node.input]
+    if any(s is None for s in shapes) or len(node.input) < 2:
+        raise _Unsupported("unknown operand shapes")
+    terms, out = _parse(equation, [len(s) for s in shapes])
+    build = _Builder(node)
+    tensors = list(node.input)
+    # sum away, per operand, the subscripts no other operand and not the output use
+    for i, term in enumerate(terms):
+        elsewhere = set(out).union(*(set(t) for j, t in enumerate(terms) if j != i))
+        tensors[i], terms[i] = build.reduce(tensors[i], term, set(term) - elsewhere)
+    left, left_terms = tensors[0], terms[0]
+    for i in range(1, len(terms)):
+        later = set(out).union(*(set(t) for t in terms[i + 1:]))
+        left, left_terms = _pair(build, left, left_terms, tensors[i], terms[i], later)
+    if left_terms != out or left in node.input:
+        build.add("Transpose", [left], node.output[0], perm=[left_terms.index(c) for c in out])
+    else:
+        build.nodes[-1].output[0] = node.output[0]  # the last product already has the output's layout
+    return build.nodes
+
+
+def _pair(build: _Builder, a: str, sa: str, b: str, sb: str, keep: set[str]) -> tuple[str, str]:
+    """One contraction of two operands; returns the product and its subscripts (those in `keep`)."""
+    shared = [c for c in sa if c in sb]
+    contracted = [c for c in shared if c not in keep]
+    only_a = [c for c in sa if c not in sb]
+    only_b = [c for c in sb if c not in sa]
+    if not contracted:  # an elementwise product with broadcasting
+        layout = sa + "".join(only_b)
+        return build.add("Mul", [build.arrange(a, sa, layout), build.arrange(b, sb, layout)]), layout
+    # MatMul contracts one subscript k between one row subscript m and one column subscript n; every other
+    # subscript is a (broadcast) batch axis, and further contracted ones are summed after the product
+    k = contracted[-1]
+    m = only_a[-1] if only_a else _ROW
+    n = only_b[-1] if only_b else _COLUMN
+    batch = "".join([c for c in shared if c != k] + [c for c in only_a if c != m] + [c for c in only_b if c != n])
+    product = build.add("MatMul", [build.arrange(a, sa, batch + m + k), build.arrange(b, sb, batch + k + n)])
+    return build.reduce(product, batch + m + n, (set(contracted) - {k}) | {_ROW, _COLUMN})
+
+
+# size-1 axes that turn a vector operand into a matrix for MatMul (never letters, so no subscript clashes)
+_ROW, _COLUMN = "<", ">"

@@ -1,0 +1,205 @@
+"""Attention written by code we did not write: tiny random-initialised models from Hugging Face transformers and
+from re-implementations on PyPI, and attention spelled as research code spells it (Einsum, masked_fill with finite
+fills). Each either fuses with parity on padded and fully masked rows, or is reported per model layer, never
+skipped."""
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from attn_export import api
+from attn_export.backends import OnnxRuntimeRunner
+from attn_export.export import export_onnx
+from attn_export.passes.probe import padding_mask
+from test_cli import run
+
+transformers = pytest.importorskip("transformers")
+
+
+class EinsumAttention(torch.nn.Module):
+    """Multi-head attention as research code writes it: one packed qkv projection, Einsum products, a mask."""
+
+    def __init__(self, dim=32, heads=4, mask_style=None):
+        super().__init__()
+        self.heads, self.mask_style = heads, mask_style
+        self.qkv, self.out = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        scores = torch.einsum("bhid,bhjd->bhij", q, k) * (d // self.heads) ** -0.5
+        keep = None if mask is None else mask[:, None, None, :].bool()
+        if self.mask_style == "finfo":
+            scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+        elif self.mask_style == "minus_10000":
+            scores = scores + (1.0 - keep.float()) * -10000.0
+        elif self.mask_style == "minus_inf":
+            scores = scores.masked_fill(~keep, float("-inf"))
+        out = torch.einsum("bhij,bhjd->bhid", scores.softmax(-1), v)
+        return self.out(out.transpose(1, 2).reshape(b, n, d))
+
+
+def _export(module, inputs, exporter, lengths=(16, 24)):
+    """Dynamic batch and sequence, probe shapes at two lengths (batch 2 first: padded rows)."""
+    dynamic = {name: {0: "batch", 1: "seq"} for name in inputs}
+    shapes = [{k: [batch, n, *v.shape[2:]] for k, v in inputs.items()} for batch, n in zip((2, 1), lengths)]
+    return export_onnx(module.eval(), inputs, dynamic_axes=dynamic, exporter=exporter, probe_shapes=shapes)
+
+
+def _masked_feeds(model, batch=3, n=16):
+    """Feeds with a padded row and a fully masked row, as a user's padded batch may hold."""
+    feeds = {}
+    for inp in model.graph.input:
+        dims = [d.dim_value or (batch if i == 0 else n) for i, d in enumerate(inp.type.tensor_type.shape.dim)]
+        if inp.type.tensor_type.elem_type == 1:  # float
+            feeds[inp.name] = np.random.default_rng(7).standard_normal(dims).astype(np.float32)
+        else:
+            feeds[inp.name] = padding_mask(dims, fully_masked_row=True)
+    return feeds
+
+
+def _fused_ops(fused):
+    return sorted(n.op_type for n in fused.graph.node if n.domain == "attn_export")
+
+
+def _assert_parity_where_defined(model, fused, feeds):
+    expected = OnnxRuntimeRunner(model, "reference").run(feeds)
+    got = OnnxRuntimeRunner(fused, "fused").run(feeds)
+    for name, want in expected.items():
+        defined = np.isfinite(want)  # -inf masks leave a fully masked row undefined (NaN) in the original
+        np.testing.assert_allclose(got[name][defined], want[defined], atol=1e-4, rtol=1e-3)
+        assert np.isfinite(got[name]).all()
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("mask_style", [None, "minus_10000", "finfo", "minus_inf"])
+def test_einsum_attention_with_masks_fuses_into_dense_attention(exporter, mask_style):
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 32)
+    inputs = {"x": x} if mask_style is None else {"x": x, "mask": torch.from_numpy(padding_mask([2, 16]))}
+    model = _export(EinsumAttention(mask_style=mask_style), inputs, exporter)
+    fused, report = api.fuse(model)
+    assert report.attention_layers == 1 and report.all_fused, report.as_dict()
+    assert _fused_ops(fused) == ["DenseAttention"]
+    assert not [n for n in fused.graph.node if n.op_type in ("Einsum", "Softmax")]
+    _assert_parity_where_defined(model, fused, _masked_feeds(model))
+    if mask_style == "finfo":  # a finite fill: the fully masked row averages the values, as in the original
+        feeds = _masked_feeds(model)
+        want = OnnxRuntimeRunner(model, "reference").run(feeds)
+        assert all(np.isfinite(v).all() for v in want.values())
+
+
+def _hf_text_model(kind):
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    if kind == "bert":
+        return transformers.BertModel(transformers.BertConfig(**small), add_pooling_layer=False)
+    if kind == "roberta":
+        return transformers.RobertaModel(transformers.RobertaConfig(**small), add_pooling_layer=False)
+    return transformers.DebertaV2Model(transformers.DebertaV2Config(
+        **small, relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm"))
+
+
+class _Tensors(torch.nn.Module):
+    """The model's first output as a tensor (transformers returns a ModelOutput)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
+
+
+def _text_inputs():
+    return {"input_ids": torch.randint(0, 100, (2, 16)), "attention_mask": torch.from_numpy(padding_mask([2, 16]))}
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_hf_bert_family_with_padding_mask_fuses_every_layer(kind, exporter):
+    model = _export(_Tensors(_hf_text_model(kind)), _text_inputs(), exporter)
+    fused, report = api.fuse(model)
+    assert report.attention_layers == 2 and report.all_fused, report.as_dict()
+    assert [layer.name.endswith("attention.self") for layer in report.layers] == [True, True]
+    assert _fused_ops(fused) == ["DenseAttention", "DenseAttention"]
+    _assert_parity_where_defined(model, fused, _masked_feeds(model))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_hf_vit_fuses_every_layer(exporter):
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                    image_size=32, patch_size=8, num_channels=3)
+    vit = transformers.ViTModel(config, add_pooling_layer=False).eval()
+
+    class Pixels(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit = vit
+
+        def forward(self, pixel_values):
+            return self.vit(pixel_values=pixel_values, return_dict=False)[0]
+
+    pixels = torch.randn(2, 3, 32, 32)
+    model = export_onnx(Pixels().eval(), {"pixel_values": pixels}, dynamic_axes={"pixel_values": {0: "batch"}},
+                        exporter=exporter, probe_shapes=[{"pixel_values": [2, 3, 32, 32]},
+                                                         {"pixel_values": [1, 3, 32, 32]}])
+    fused, report = api.fuse(model)
+    assert report.attention_layers == 2 and report.all_fused, report.as_dict()
+    got = OnnxRuntimeRunner(fused, "fused").run({"pixel_values": pixels.numpy()})
+    np.testing.assert_allclose(next(iter(got.values())), Pixels()(pixels).detach().numpy(), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_hf_deberta_v2_is_reported_per_layer(exporter):
+    model = _export(_Tensors(_hf_text_model("deberta")), _text_inputs(), exporter)
+    _, report = api.fuse(model)
+    assert [layer.name.split(".")[-3:] for layer in report.layers] == [["0", "attention", "self"],
+                                                                       ["1", "attention", "self"]], report.as_dict()
+
+
+def _reimplementation(name):
+    torch.manual_seed(0)
+    if name == "performer":
+        performer_pytorch = pytest.importorskip("performer_pytorch")
+        return performer_pytorch.SelfAttention(dim=32, heads=2, dim_head=16, nb_features=24, causal=False)
+    flash_pytorch = pytest.importorskip("flash_pytorch")
+    if name == "gau":
+        return flash_pytorch.GAU(dim=32, query_key_dim=16)
+    return flash_pytorch.FLASH(dim=32, group_size=16, query_key_dim=16)
+
+
+# the exporters that take each re-implementation (performer-pytorch fails with dynamo, FLASH with TorchScript)
+REIMPLEMENTATIONS = [("performer", "torchscript"), ("gau", "dynamo"), ("gau", "torchscript"), ("flash", "dynamo")]
+
+
+@pytest.mark.parametrize("name,exporter", REIMPLEMENTATIONS)
+def test_einsum_written_reimplementations_are_never_missed(name, exporter, capsys, tmp_path):
+    module = _reimplementation(name)
+
+    class Call(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = module
+
+        def forward(self, x):
+            return self.inner(x)
+
+    model = _export(Call(), {"x": torch.randn(2, 32, 32)}, exporter, lengths=(32, 64))
+    assert "Einsum" in {n.op_type for n in model.graph.node}
+    fused, report = api.fuse(model)
+    assert report.attention_layers >= 1, "attention written with Einsum must be seen"
+    assert all(layer.name.startswith("inner") for layer in report.layers), report.as_dict()
+    if name == "gau":  # relu^2 over the whole sequence, its 1/N folded into the query: the op's relu^2 form
+        assert report.all_fused and _fused_ops(fused) == ["DenseAttention"], report.as_dict()
+        assert report.layers[0].attributes["score_fn"] == "relu_squared"
+    if not report.all_fused:  # what is left is reported with a reason, so --strict fails on it
+        assert all(layer.reason for layer in report.layers if layer.status != "fused")
+        onnx.save(model, tmp_path / "model.onnx")
+        code, out, _ = run(capsys, "fuse", tmp_path / "model.onnx", "-o", tmp_path / "fused.onnx", "--strict")
+        assert code == 1 and "not fused" in out
+    got = OnnxRuntimeRunner(fused, "fused").run({"x": np.ones((1, 32, 32), np.float32)})
+    want = OnnxRuntimeRunner(model, "reference").run({"x": np.ones((1, 32, 32), np.float32)})
+    for name_, value in want.items():
+        np.testing.assert_allclose(got[name_], value, atol=1e-4, rtol=1e-3)
