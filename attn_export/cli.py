@@ -394,6 +394,71 @@ def plugins_build_cmd(tensorrt_root, cuda_archs, build_dir, jobs, kernels_only):
         click.echo(str(outcome.plugin_library))
 
 
+# ---------------------------------------------------------------------------------------------------- deploy
+@cli.command("deploy")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--triton-repo", "repo", type=click.Path(path_type=Path), required=True,
+              help="Triton model repository to write (created, or models added to an existing one).")
+@click.option("--name", help="Model name prefix: NAME_onnxruntime, NAME_tensorrt [default: OUT_DIR's name].")
+@click.option("--max-batch-size", type=int, default=0, show_default=True,
+              help="Triton max_batch_size; > 0 needs a dynamic batch axis (dims then leave it out).")
+@click.option("--instances", type=int, default=1, show_default=True,
+              help="Model instances (per optimization profile for the engine).")
+def deploy_cmd(out_dir, repo, name, max_batch_size, instances):
+    """Write a Triton model repository from a build folder: the portable fused graph as an onnxruntime_onnx
+    model, and the engine as a tensorrt_plan model where the build made one (with its plugin library copied
+    beside the repository and the launch line that loads it). Needs the serve extra.
+
+    \b
+      attn-export deploy out/ --triton-repo models/ --name bigbird
+    """
+    from .deploy.repository import deploy
+
+    result = deploy(out_dir, repo, name=name, max_batch_size=max_batch_size, instances=instances)
+    for model, platform in result.models.items():
+        click.echo(f"wrote {result.repository / model} ({platform})")
+    for model, why in result.skipped.items():
+        click.echo(f"skipped {model}: {why}")
+    if result.plugin_library:
+        click.echo(f"plugin library: {result.plugin_library}")
+    click.echo("launch (configs checked with Triton's protobuf):")
+    for line in result.launch:
+        click.echo(f"  {line}")
+
+
+@cli.command("serve")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--name", default="model", show_default=True, help="Model name clients ask for.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address HTTP and gRPC listen on.")
+@click.option("--port", type=int, default=8000, show_default=True, help="HTTP port; gRPC listens on PORT+1.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="tensorrt needs a Triton server with the TensorRT backend (use deploy's launch line).")
+@click.option("--instances", type=int, default=1, show_default=True, help="Model instances.")
+@click.option("--max-batch-size", type=int, default=0, show_default=True, help="As for deploy.")
+def serve_cmd(out_dir, name, host, port, backend, instances, max_batch_size):
+    """Serve a build folder's portable fused graph with a real Triton Inference Server (nvidia-pytriton's
+    tritonserver; its Python backend runs the graph on onnxruntime) over HTTP/REST and gRPC until Ctrl-C or
+    SIGTERM, which stop the server and every process it started.
+
+    \b
+      attn-export serve out/ --name bigbird --port 8000
+    """
+    from .deploy.server import TritonServer, serve_forever
+
+    if not 0 < port < 65535:
+        raise UserError(f"--port must be between 1 and 65534, got {port}")
+
+    def ready(server):
+        click.echo(f"serving '{name}' ({server.served_by}): HTTP {server.http_url}, gRPC {server.grpc_url}; "
+                   "Ctrl-C stops")
+
+    server = TritonServer(out_dir, name=name, host=host, port=port, backend=backend, instances=instances,
+                          max_batch_size=max_batch_size)
+    code = serve_forever(server, ready)
+    click.echo("stopped" if code == 0 else "error: the server exited by itself", err=code != 0)
+    sys.exit(code)
+
+
 # ---------------------------------------------------------------------------------------------------- doctor
 @cli.command("doctor")
 @click.option("--require", "required", multiple=True, type=click.Choice(["tensorrt", "cuda", "plugins"]),

@@ -9,7 +9,6 @@ import pytest
 
 from attn_export.build_folder import PARITY_DATA, PORTABLE_GRAPH, load_parity_data, save_parity_data
 from attn_export.errors import UserError
-from conftest import small_config
 
 # runs in a fresh interpreter that never imports attn_export: only onnxruntime and numpy
 PLAIN_ORT = """
@@ -28,21 +27,6 @@ for i in range(len(data["labels"])):
         print("set", i, "max_abs_err", err)
 print("loaded", "attn_export" in sys.modules)
 """
-
-
-@pytest.fixture(scope="module")
-def bigbird_build(tmp_path_factory):
-    from attn_export import api
-
-    entry, config = small_config("bigbird")
-    module = entry.build(config).eval()
-    lengths = entry.parity_seq_lens(config)
-    inputs = [(f"seq_len={n}", entry.example_inputs(config, 1, n)) for n in lengths]
-    out = tmp_path_factory.mktemp("build")
-    result = api.build(module, inputs[0][1], out, dynamic_axes=dict(entry.dynamic_axes), parity_inputs=inputs,
-                       engine=False)
-    assert result.ok
-    return out, len(lengths)
 
 
 def test_portable_graph_runs_in_plain_onnxruntime_with_parity(bigbird_build):
