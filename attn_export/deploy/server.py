@@ -30,7 +30,8 @@ from . import repository
 
 SERVE_EXTRA = "pip install 'attn-export[serve]'"
 READY_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 15.0
+EXIT_TIMEOUT_S = 5
+STOP_TIMEOUT_S = 15.0  # then SIGKILL
 
 
 class TritonDistribution:
@@ -162,7 +163,10 @@ class TritonServer:
                    f"--http-address={self.host}", f"--http-port={self.port}",
                    f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                    "--allow-metrics=false", "--allow-sagemaker=false", "--allow-vertex-ai=false",
-                   "--exit-on-error=true", "--log-verbose=0"]
+                   "--exit-on-error=true", "--log-verbose=0",
+                   # in-flight requests get this long to finish on SIGTERM (idle keep-alive clients would
+                   # otherwise hold Triton for its default 30 s)
+                   f"--exit-timeout-secs={EXIT_TIMEOUT_S}"]
         self.log_path = self.workspace / "tritonserver.log"
         log = open(self.log_path, "wb")
         try:
