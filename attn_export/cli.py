@@ -459,6 +459,41 @@ def serve_cmd(out_dir, name, host, port, backend, instances, max_batch_size):
     sys.exit(code)
 
 
+# ---------------------------------------------------------------------------------------------------- engine
+@cli.command("engine")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--plugin-library", type=click.Path(dir_okay=False, path_type=Path),
+              help="libattn_export_plugins.so [default: $ATTN_EXPORT_PLUGIN_LIB, else plugins_trt/build].")
+@click.option("-o", "--output", "engine_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Engine to write [default: OUT_DIR/model.plan].")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--onnxruntime", is_flag=True, help="Also run the portable graph on onnxruntime against parity.npz.")
+@click.option("--atol", type=float, help="Absolute parity tolerance (default: by precision).")
+@click.option("--rtol", type=float, help="Relative parity tolerance (default: by precision).")
+def engine_cmd(out_dir, plugin_library, engine_path, precision, onnxruntime, atol, rtol):
+    """Build the TensorRT engine from a build folder's model.fused.onnx on this device and check it against
+    the inputs and torch outputs `build` saved (parity.npz). Imports no torch: for edge devices (Jetson).
+    Exit 1 when a check fails, 2 when TensorRT, a GPU or the folder's files are missing.
+
+    \b
+      attn-export engine out/ --plugin-library plugins_trt/build/libattn_export_plugins.so
+    """
+    from .edge import EDGE_REPORT, build_and_check
+
+    def show(checks):
+        for check in checks:
+            for c in check.comparisons:
+                verdict = "pass" if c.passed else f"FAIL {c.reason}"
+                click.echo(f"{check.runner} [{check.inputs}] {c.name}: max abs err {c.max_abs_err:.2g} "
+                           f"(atol {c.atol:g}, rtol {c.rtol:g}) {verdict}")
+
+    result = build_and_check(out_dir, engine_path=engine_path, plugin_library=plugin_library, precision=precision,
+                             onnxruntime=onnxruntime, atol=atol, rtol=rtol, on_checks=show)
+    click.echo(f"engine: {result.engine}; report {out_dir / EDGE_REPORT}")
+    if not result.passed:
+        sys.exit(1)
+
+
 # ---------------------------------------------------------------------------------------------------- doctor
 @cli.command("doctor")
 @click.option("--require", "required", multiple=True, type=click.Choice(["tensorrt", "cuda", "plugins"]),
