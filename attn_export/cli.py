@@ -445,18 +445,14 @@ def serve_cmd(out_dir, name, host, port, backend, instances, max_batch_size):
     """
     from .deploy.server import TritonServer, serve_forever
 
-    if not 0 < port < 65535:
-        raise UserError(f"--port must be between 1 and 65534, got {port}")
-
     def ready(server):
         click.echo(f"serving '{name}' ({server.served_by}): HTTP {server.http_url}, gRPC {server.grpc_url}; "
                    "Ctrl-C stops")
 
     server = TritonServer(out_dir, name=name, host=host, port=port, backend=backend, instances=instances,
                           max_batch_size=max_batch_size)
-    code = serve_forever(server, ready)
-    click.echo("stopped" if code == 0 else "error: the server exited by itself", err=code != 0)
-    sys.exit(code)
+    serve_forever(server, ready)
+    click.echo("stopped")
 
 
 # ---------------------------------------------------------------------------------------------------- engine

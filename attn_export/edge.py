@@ -189,7 +189,8 @@ class EngineRunner:
         buffers = []
         try:
             for name in self.input_names:
-                host = np.ascontiguousarray(inputs[name], dtype=_numpy_dtype(self.trt, self.engine.get_tensor_dtype(name)))
+                dtype = _numpy_dtype(self.trt, self.engine.get_tensor_dtype(name))
+                host = np.ascontiguousarray(inputs[name], dtype=dtype)
                 if not self.context.set_input_shape(name, host.shape):
                     raise UserError(f"{self.engine_path}: input '{name}' shape {host.shape} is outside the "
                                     "engine's optimization profile")

@@ -64,7 +64,8 @@ def test_parity_data_holds_the_torch_outputs_parity_used(bigbird_build):
 
 def test_parity_data_round_trip_and_bad_files(tmp_path):
     path = tmp_path / "p.npz"
-    save_parity_data(path, ["a"], [({"x": np.arange(3)}, {"output_0": np.ones(2, np.float32), "output_1": np.zeros(1)})])
+    outputs = {"output_0": np.ones(2, np.float32), "output_1": np.zeros(1)}
+    save_parity_data(path, ["a"], [({"x": np.arange(3)}, outputs)])
     [(label, inputs, outputs)] = load_parity_data(path)
     assert label == "a" and list(outputs) == ["output_0", "output_1"] and inputs["x"].tolist() == [0, 1, 2]
     (tmp_path / "bad.npz").write_bytes(b"not a zip")

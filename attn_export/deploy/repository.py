@@ -77,11 +77,10 @@ def portable_graph(out_dir: Path) -> tuple[Path, onnx.ModelProto]:
     return path, model
 
 
-def check_request(out_dir: Path, repository: Path, name: str, max_batch_size: int, instances: int) -> None:
+def check_model_options(out_dir: Path, name: str, max_batch_size: int, instances: int) -> None:
+    """What deploy and serve both refuse before writing anything."""
     if not Path(out_dir).is_dir():
         raise UserError(f"{out_dir}: no such build folder")
-    if repository.exists() and not repository.is_dir():
-        raise UserError(f"{repository}: exists and is not a folder (a Triton model repository is a folder)")
     triton_config.check_model_name(name)
     if max_batch_size < 0:
         raise UserError(f"--max-batch-size must be 0 (no batching) or more, got {max_batch_size}")
@@ -90,7 +89,7 @@ def check_request(out_dir: Path, repository: Path, name: str, max_batch_size: in
 
 
 def onnxruntime_model(folder: Path, name: str, graph_path: Path, graph: onnx.ModelProto, *, max_batch_size: int,
-                      instances: int, python_backend: bool = False) -> str:
+                      instances: int, python_backend: bool = False, parameters: dict[str, str] | None = None) -> str:
     """<folder>/<name>/ for the portable graph: platform onnxruntime_onnx, or (python_backend) Triton's Python
     backend running it on onnxruntime, for servers without the onnxruntime backend. Returns the platform."""
     inputs, outputs = triton_config.onnx_specs(graph)
@@ -100,7 +99,7 @@ def onnxruntime_model(folder: Path, name: str, graph_path: Path, graph: onnx.Mod
     text = triton_config.make_config(
         name=name, platform=platform, backend=backend, inputs=inputs, outputs=outputs,
         max_batch_size=max_batch_size, dynamic_batching=max_batch_size > 1,
-        instance_groups=[{"count": instances, "kind": kind}])
+        instance_groups=[{"count": instances, "kind": kind}], parameters=parameters)
     version = folder / name / "1"
     version.mkdir(parents=True)
     shutil.copyfile(graph_path, version / "model.onnx")
@@ -179,7 +178,9 @@ def deploy(out_dir: str | os.PathLike, repository: str | os.PathLike, *, name: s
            max_batch_size: int = 0, instances: int = 1) -> DeployResult:
     out_dir, repository = Path(out_dir), Path(repository).absolute()
     name = name or default_name(out_dir)
-    check_request(out_dir, repository, name, max_batch_size, instances)
+    check_model_options(out_dir, name, max_batch_size, instances)
+    if repository.exists() and not repository.is_dir():
+        raise UserError(f"{repository}: exists and is not a folder (a Triton model repository is a folder)")
     graph_path, graph = portable_graph(out_dir)
     result = DeployResult(repository)
     repository.parent.mkdir(parents=True, exist_ok=True)
@@ -244,4 +245,4 @@ def _replace(new: Path, final: Path, stage: Path) -> None:
     if final.is_dir() and not final.is_symlink():
         old = stage / f"old-{final.name}"
         final.rename(old)  # the old one leaves with the stage folder
-    new.replace(final) if new.is_file() else new.rename(final)
+    new.replace(final)

@@ -24,7 +24,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..build_folder import PORTABLE_GRAPH
 from ..errors import UserError, one_line
 from . import repository
 
@@ -119,8 +118,9 @@ class TritonServer:
                             "the launch line it prints on such a server")
         if self.backend != "onnxruntime":
             raise UserError(f"--backend must be onnxruntime or tensorrt, got '{self.backend}'")
-        repository.check_request(self.out_dir, Path(tempfile.gettempdir()), self.name, self.max_batch_size,
-                                 self.instances)
+        if not 0 < self.port < 65535:
+            raise UserError(f"--port must be between 1 and 65534 (gRPC takes the next one), got {self.port}")
+        repository.check_model_options(self.out_dir, self.name, self.max_batch_size, self.instances)
         graph_path, graph = repository.portable_graph(self.out_dir)
         for port in (self.port, self.grpc_port):
             check_port_free(self.host, port)
@@ -130,10 +130,11 @@ class TritonServer:
             models = self.workspace / "repository"
             models.mkdir()
             native = dist.has_backend("onnxruntime")
+            # onnxruntime threads per instance, read by triton_python_model.py from the config's parameters
+            threads = {"intra_op_threads": str(self.intra_op_threads)}
             repository.onnxruntime_model(models, self.name, graph_path, graph, max_batch_size=self.max_batch_size,
-                                         instances=self.instances, python_backend=not native)
-            if not native:
-                _set_threads(models / self.name / "config.pbtxt", self.intra_op_threads)
+                                         instances=self.instances, python_backend=not native,
+                                         parameters=None if native else threads)
             self.served_by = "onnxruntime backend" if native else "python backend running onnxruntime"
             backends = self._backends(dist)
             self._launch(dist, models, backends)
@@ -172,7 +173,8 @@ class TritonServer:
         try:
             # its own session: stop() signals the server and every stub it started, and nothing else
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+                                            stdin=subprocess.DEVNULL, start_new_session=True,
+                                            preexec_fn=_die_with_parent)
         except OSError as e:
             raise UserError(f"{dist.binary}: cannot start Triton ({e.strerror or e})") from None
         finally:
@@ -222,6 +224,16 @@ class TritonServer:
         return self.process is not None and self.process.poll() is None
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the process that started it dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)  # the group's id is the server's pid (start_new_session)
@@ -229,14 +241,9 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
-def _set_threads(config_path: Path, threads: int) -> None:
-    """onnxruntime threads per model instance, read by triton_python_model.py from the config's parameters."""
-    config_path.write_text(config_path.read_text() + f'parameters {{\n  key: "intra_op_threads"\n  value {{\n'
-                                                      f'    string_value: "{int(threads)}"\n  }}\n}}\n')
-
-
 def serve_forever(server: TritonServer, on_ready=lambda server: None) -> int:
-    """Run until Ctrl-C, SIGTERM or the server's own exit; always stop the server. Returns the exit code."""
+    """Run until Ctrl-C or SIGTERM (then 0), always stopping the server; a server that exits by itself is a
+    UserError quoting its log."""
     stopping = []
 
     def request_stop(signum, frame):
@@ -248,7 +255,9 @@ def serve_forever(server: TritonServer, on_ready=lambda server: None) -> int:
         on_ready(server)
         while not stopping and server.running():
             time.sleep(0.2)
-        return 0 if stopping else 1
+        if not stopping:
+            raise UserError(f"Triton exited by itself: {server.log_tail()}")
+        return 0
     finally:
         server.stop()
         for s, handler in previous.items():
