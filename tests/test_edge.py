@@ -108,3 +108,36 @@ def test_engine_build_uses_one_profile_over_the_parity_shapes_and_compares(bigbi
 def test_engine_runner_without_tensorrt_is_one_line():
     with pytest.raises(UserError, match="TensorRT"):
         edge.EngineRunner("model.plan", None)
+
+
+MANIFEST_WITHOUT_TORCH = """
+import sys
+class BlockTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, BlockTorch())
+from attn_export.backends import engine_manifest, tensorrt_runner
+machine = engine_manifest.machine_facts()
+library = {"path": "/x.so", "sha256": "0", "contracts": "0123456789abcdef", "tensorrt_headers": "10.3.0"}
+manifest = engine_manifest.build_manifest(engine_path="m.plan", onnx_path="m.onnx", tensorrt_version="10.3.0",
+                                          machine=machine, plugin_library=library, precision="fp32", profiles_json=[])
+print(manifest["contracts"], machine["gpu"], tensorrt_runner.tensorrt_status()[0], "torch" in sys.modules)
+"""
+
+
+def test_engine_manifest_and_gpu_check_work_without_torch():
+    done = subprocess.run([sys.executable, "-c", MANIFEST_WITHOUT_TORCH], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    contracts, gpu, trt_ok, torch_loaded = done.stdout.split()
+    # the digest comes from the plugin library's tag; no GPU and no TensorRT here
+    assert contracts == "0123456789abcdef" and torch_loaded == "False" and trt_ok == "False"
+
+
+def test_cuda_runtime_without_a_gpu_is_one_line():
+    from attn_export.backends.engine_manifest import driver_device
+
+    if driver_device() is not None:
+        pytest.skip("a GPU is present")
+    with pytest.raises(UserError, match="CUDA|libcudart"):
+        edge._CudaRuntime().malloc(16)
