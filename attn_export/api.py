@@ -60,7 +60,7 @@ class BuildResult:
 
 class _RecordingRunner(Runner):
     """Runs the reference once per input set and keeps its outputs, so parity.npz holds exactly the values
-    every graph was compared with (and the engine's parity does not run torch again)."""
+    both graphs were compared with."""
 
     def __init__(self, runner: Runner):
         super().__init__(runner.label)

@@ -241,7 +241,8 @@ def build_cmd(model, out_dir, exporter, static, atol, rtol, strict, no_engine, p
                 click.echo(f"engine: {note}")
     else:
         click.echo(f"engine: not built: {engine['reason']}")
-    click.echo(f"wrote {out_dir / 'model.onnx'}, {out_dir / 'model.fused.onnx'}, {out_dir / 'report.json'}")
+    click.echo(f"wrote {out_dir}/: model.onnx, model.fused.onnx (TensorRT), model.fused.portable.onnx "
+               "(onnxruntime, Triton), parity.npz, report.json")
     if strict and not result.ok:
         sys.exit(1)
 
