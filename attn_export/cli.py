@@ -473,7 +473,7 @@ def engine_cmd(out_dir, plugin_library, engine_path, precision, onnxruntime, ato
     Exit 1 when a check fails, 2 when TensorRT, a GPU or the folder's files are missing.
 
     \b
-      attn-export engine out/ --plugin-library plugins_trt/build/libattn_export_plugins.so
+      attn-export engine out/ --plugin-library ./libattn_export_plugins.so
     """
     from .edge import EDGE_REPORT, build_and_check
 
