@@ -154,16 +154,20 @@ def test_serve_command_port_in_use_exits_2(bigbird_build):
 
 
 def descendants(pid):
-    """Every process whose session is `pid`'s (serve starts tritonserver in a session of its own)."""
-    found = []
+    """Every process started, directly or not, by `pid` (tritonserver and its Python-backend stubs)."""
+    children = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
-            except OSError:
+                parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
                 continue
-            if int(fields[1]) == pid or int(fields[3]) == pid:  # parent is pid, or its group is
-                found.append(int(entry))
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
     return found
 
 
@@ -178,7 +182,7 @@ def test_sigterm_stops_the_server_and_everything_it_started(bigbird_build):
         client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
         assert client.is_model_ready(NAME)
         started = descendants(serve.pid)
-        assert started, "serve should have started tritonserver"
+        assert len(started) >= 2, "serve should have started tritonserver and its model's stub"
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) == 0
     finally:
