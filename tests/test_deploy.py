@@ -139,8 +139,8 @@ def listing(path):
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
-@pytest.mark.parametrize("case", ["no fused graph", "repo is a file", "bad name", "dot name", "batch too big",
-                                  "no batch axis", "negative batch"])
+@pytest.mark.parametrize("case", ["no fused graph", "repo is a file", "parent is a file", "bad name", "dot name",
+                                  "batch too big", "no batch axis", "negative batch"])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(capsys, bigbird_build, tmp_path, case):
     out, _ = bigbird_build
     repo, args, expected = tmp_path / "repo", [], ""
@@ -152,6 +152,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(capsys, bigbird_build,
     elif case == "repo is a file":
         repo.write_text("not a folder")
         expected = "is not a folder"
+    elif case == "parent is a file":
+        (tmp_path / "afile").write_text("")
+        repo, expected = tmp_path / "afile" / "repo", "cannot write beside it"
     elif case in ("bad name", "dot name"):
         args, expected = ["--name", "a/b" if case == "bad name" else ".hidden"], "not one Triton accepts"
     elif case == "batch too big":

@@ -183,8 +183,11 @@ def deploy(out_dir: str | os.PathLike, repository: str | os.PathLike, *, name: s
         raise UserError(f"{repository}: exists and is not a folder (a Triton model repository is a folder)")
     graph_path, graph = portable_graph(out_dir)
     result = DeployResult(repository)
-    repository.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{repository.name}.stage-", dir=repository.parent))
+    try:
+        repository.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{repository.name}.stage-", dir=repository.parent))
+    except OSError as e:
+        raise UserError(one_line(f"{repository}: cannot write beside it: {e.strerror or e}")) from None
     try:
         models = stage / "repository"
         models.mkdir()
