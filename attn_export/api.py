@@ -14,9 +14,12 @@ from .atomic import write_json
 from .backends import OnnxRuntimeRunner, Runner, TorchRunner
 from .backends.tensorrt_profiles import (ProfileRequest, covering_profile, model_inputs, profiles_to_json,
                                          select_profile)
+from .build_folder import (FILE_ROLES, FUSED_GRAPH, PARITY_DATA, PORTABLE_GRAPH, REFERENCE_GRAPH,
+                           save_parity_data)
 from .check import OutputComparison, compare_outputs
 from .errors import UserError
 from .export import export_onnx, load_onnx, save_onnx
+from .ops.functions import with_function_bodies
 from .passes import FusionReport, fuse_graph
 from .passes.probe import probe_shapes, random_inputs
 
@@ -52,8 +55,27 @@ class BuildResult:
         return self.fusion.all_fused and all(p.passed for p in self.parity)
 
     def as_dict(self) -> dict:
-        return {"fusion": self.fusion.as_dict(), "parity": [row for p in self.parity for row in p.as_dicts()],
-                "engine": self.engine, "notes": self.notes}
+        return {"files": FILE_ROLES, "fusion": self.fusion.as_dict(),
+                "parity": [row for p in self.parity for row in p.as_dicts()], "engine": self.engine,
+                "notes": self.notes}
+
+
+class _RecordingRunner(Runner):
+    """Runs the reference once per input set and keeps its outputs, so parity.npz holds exactly the values
+    both graphs were compared with."""
+
+    def __init__(self, runner: Runner):
+        super().__init__(runner.label)
+        self.name, self._runner = runner.name, runner
+        self.records: list[tuple[dict, dict]] = []  # (feeds, outputs); feeds kept alive so id() stays unique
+
+    def run(self, feeds):
+        for seen, outputs in self.records:
+            if seen is feeds:
+                return outputs
+        outputs = self._runner.run(feeds)
+        self.records.append((feeds, outputs))
+        return outputs
 
 
 def export(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], path: str | Path, *,
@@ -138,8 +160,9 @@ def build(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], out_
           prefer_exporter: tuple[str, str] | None = None,
           progress: Callable[[str], None] = lambda message: None) -> BuildResult:
     """export -> fuse -> parity (torch vs both graphs on onnxruntime) -> TensorRT engine where TensorRT exists,
-    and its parity against torch. Writes out_dir/model.onnx, model.fused.onnx, report.json (and model.plan with
-    model.json, its manifest). `precision` is the engine's (fp32, fp16, bf16); `profiles` the optimization profiles
+    and its parity against torch. Writes out_dir/model.onnx, model.fused.onnx (for TensorRT),
+    model.fused.portable.onnx (function bodies inside), parity.npz, report.json (and model.plan with model.json,
+    its manifest). `precision` is the engine's (fp32, fp16, bf16); `profiles` the optimization profiles
     asked for (trtexec-style shapes or --seq-lens buckets; default: one spanning the parity inputs)."""
     out_dir = Path(out_dir)
     parity_inputs = parity_inputs or [("example", example_inputs)]
@@ -154,15 +177,19 @@ def build(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], out_
     # checked against the graph's inputs now, so a wrong --opt-shapes fails before fusing and parity
     engine_profiles = profiles.resolve(model_inputs(reference), dynamic_axes) if profiles else None
     progress("fusing attention")
-    fused, report = fuse(reference, out_dir / "model.fused.onnx")
+    fused, report = fuse(reference, out_dir / FUSED_GRAPH)
+    portable = with_function_bodies(fused)
+    save_onnx(portable, out_dir / PORTABLE_GRAPH)
     result = BuildResult(out_dir, report, notes=notes)
 
     progress("checking parity against torch")
     names = list(example_inputs)
     feeds = [(label, {n: t.numpy() for n, t in inputs.items()}) for label, inputs in parity_inputs]
-    runners = [OnnxRuntimeRunner(reference, "model.onnx"), OnnxRuntimeRunner(fused, "model.fused.onnx")]
-    torch_runner = TorchRunner(module, "torch eager", names, output_names=output_names)
+    # the fused graph's parity row runs the portable file's graph: the TensorRT file only differs in lacking bodies
+    runners = [OnnxRuntimeRunner(reference, REFERENCE_GRAPH), OnnxRuntimeRunner(portable, FUSED_GRAPH)]
+    torch_runner = _RecordingRunner(TorchRunner(module, "torch eager", names, output_names=output_names))
     result.parity = check(torch_runner, runners, feeds, atol=atol, rtol=rtol)
+    save_parity_data(out_dir / PARITY_DATA, [label for label, _ in feeds], torch_runner.records)
 
     if engine:
         progress("building the TensorRT engine")
@@ -191,7 +218,7 @@ def _engine(out_dir: Path, parity_inputs, profiles, precision: str, reference: R
     engine = {"path": None, "reason": "", "precision": precision, "profiles": profiles_to_json(profiles)}
     try:
         library = tensorrt_runner.find_plugin_library()
-        path = tensorrt_runner.build_engine(out_dir / "model.fused.onnx", out_dir / "model.plan",
+        path = tensorrt_runner.build_engine(out_dir / FUSED_GRAPH, out_dir / "model.plan",
                                             plugin_library=library, profiles=profiles, precision=precision)
     except UserError as e:  # e.g. no plugin library yet
         engine["reason"] = f"engine build failed: {e}"

@@ -260,7 +260,8 @@ def build_cmd(model, out_dir, exporter, static, atol, rtol, strict, no_engine, p
                 click.echo(f"engine: {note}")
     else:
         click.echo(f"engine: not built: {engine['reason']}")
-    click.echo(f"wrote {out_dir / 'model.onnx'}, {out_dir / 'model.fused.onnx'}, {out_dir / 'report.json'}")
+    click.echo(f"wrote {out_dir}/: model.onnx, model.fused.onnx (TensorRT), model.fused.portable.onnx "
+               "(onnxruntime, Triton), parity.npz, report.json")
     if strict and not result.ok:
         sys.exit(1)
 
@@ -414,6 +415,102 @@ def plugins_build_cmd(tensorrt_root, cuda_archs, build_dir, jobs, kernels_only):
         click.echo(f"built {outcome.kernel_library} (kernels only: TensorRT not found, no plugin library)")
     else:
         click.echo(str(outcome.plugin_library))
+
+
+# ---------------------------------------------------------------------------------------------------- deploy
+@cli.command("deploy")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--triton-repo", "repo", type=click.Path(path_type=Path), required=True,
+              help="Triton model repository to write (created, or models added to an existing one).")
+@click.option("--name", help="Model name prefix: NAME_onnxruntime, NAME_tensorrt [default: OUT_DIR's name].")
+@click.option("--max-batch-size", type=int, default=0, show_default=True,
+              help="Triton max_batch_size; > 0 needs a dynamic batch axis (dims then leave it out).")
+@click.option("--instances", type=int, default=1, show_default=True,
+              help="Model instances (per optimization profile for the engine).")
+def deploy_cmd(out_dir, repo, name, max_batch_size, instances):
+    """Write a Triton model repository from a build folder: the portable fused graph as an onnxruntime_onnx
+    model, and the engine as a tensorrt_plan model where the build made one (with its plugin library copied
+    beside the repository and the launch line that loads it). Needs the serve extra.
+
+    \b
+      attn-export deploy out/ --triton-repo models/ --name bigbird
+    """
+    from .deploy.repository import deploy
+
+    result = deploy(out_dir, repo, name=name, max_batch_size=max_batch_size, instances=instances)
+    for model, platform in result.models.items():
+        click.echo(f"wrote {result.repository / model} ({platform})")
+    for model, why in result.skipped.items():
+        click.echo(f"skipped {model}: {why}")
+    if result.plugin_library:
+        click.echo(f"plugin library: {result.plugin_library}")
+    click.echo("launch (configs checked with Triton's protobuf):")
+    for line in result.launch:
+        click.echo(f"  {line}")
+
+
+@cli.command("serve")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--name", default="model", show_default=True, help="Model name clients ask for.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address HTTP and gRPC listen on.")
+@click.option("--port", type=int, default=8000, show_default=True, help="HTTP port; gRPC listens on PORT+1.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="tensorrt needs a Triton server with the TensorRT backend (use deploy's launch line).")
+@click.option("--instances", type=int, default=1, show_default=True, help="Model instances.")
+@click.option("--max-batch-size", type=int, default=0, show_default=True, help="As for deploy.")
+def serve_cmd(out_dir, name, host, port, backend, instances, max_batch_size):
+    """Serve a build folder's portable fused graph with a real Triton Inference Server (nvidia-pytriton's
+    tritonserver; its Python backend runs the graph on onnxruntime) over HTTP/REST and gRPC until Ctrl-C or
+    SIGTERM, which stop the server and every process it started.
+
+    \b
+      attn-export serve out/ --name bigbird --port 8000
+    """
+    from .deploy.server import TritonServer, serve_forever
+
+    def ready(server):
+        click.echo(f"serving '{name}' ({server.served_by}): HTTP {server.http_url}, gRPC {server.grpc_url}; "
+                   "Ctrl-C stops")
+
+    server = TritonServer(out_dir, name=name, host=host, port=port, backend=backend, instances=instances,
+                          max_batch_size=max_batch_size)
+    serve_forever(server, ready)
+    click.echo("stopped")
+
+
+# ---------------------------------------------------------------------------------------------------- engine
+@cli.command("engine")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--plugin-library", type=click.Path(dir_okay=False, path_type=Path),
+              help="libattn_export_plugins.so [default: $ATTN_EXPORT_PLUGIN_LIB, else plugins_trt/build].")
+@click.option("-o", "--output", "engine_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Engine to write [default: OUT_DIR/model.plan].")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--onnxruntime", is_flag=True, help="Also run the portable graph on onnxruntime against parity.npz.")
+@click.option("--atol", type=float, help="Absolute parity tolerance (default: by precision).")
+@click.option("--rtol", type=float, help="Relative parity tolerance (default: by precision).")
+def engine_cmd(out_dir, plugin_library, engine_path, precision, onnxruntime, atol, rtol):
+    """Build the TensorRT engine from a build folder's model.fused.onnx on this device and check it against
+    the inputs and torch outputs `build` saved (parity.npz). Imports no torch: for edge devices (Jetson).
+    Exit 1 when a check fails, 2 when TensorRT, a GPU or the folder's files are missing.
+
+    \b
+      attn-export engine out/ --plugin-library ./libattn_export_plugins.so
+    """
+    from .edge import EDGE_REPORT, build_and_check
+
+    def show(checks):
+        for check in checks:
+            for c in check.comparisons:
+                verdict = "pass" if c.passed else f"FAIL {c.reason}"
+                click.echo(f"{check.runner} [{check.inputs}] {c.name}: max abs err {c.max_abs_err:.2g} "
+                           f"(atol {c.atol:g}, rtol {c.rtol:g}) {verdict}")
+
+    result = build_and_check(out_dir, engine_path=engine_path, plugin_library=plugin_library, precision=precision,
+                             onnxruntime=onnxruntime, atol=atol, rtol=rtol, on_checks=show)
+    click.echo(f"engine: {result.engine}; report {out_dir / EDGE_REPORT}")
+    if not result.passed:
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------------------------------------------- doctor

@@ -5,6 +5,8 @@
 
 For each model: export (dynamo, dynamic axes), fuse (timed), then the median latency of both graphs on the same
 inputs in one process, interleaved, and their ratio (fused / reference: below 1 means the fused graph is faster).
+The fused graph runs as model.fused.portable.onnx holds it: each custom op's decomposition as a model-local function,
+which is what plain onnxruntime and Triton's onnxruntime backend run.
 """
 from __future__ import annotations
 

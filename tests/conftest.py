@@ -31,3 +31,21 @@ def small_config(name):
 
     entry = models.get(name)
     return entry, entry.make_config(entry.small)
+
+
+@pytest.fixture(scope="session")
+def bigbird_build(tmp_path_factory):
+    """One small zoo BigBird build folder (no engine), shared by the build-folder, deploy and serve tests.
+    Returns (folder, number of parity input sets)."""
+    from attn_export import api
+
+    entry, config = small_config("bigbird")
+    torch.manual_seed(0)
+    module = entry.build(config).eval()
+    lengths = entry.parity_seq_lens(config)
+    inputs = [(f"seq_len={n}", entry.example_inputs(config, 1, n)) for n in lengths]
+    out = tmp_path_factory.mktemp("bigbird") / "bigbird"
+    result = api.build(module, inputs[0][1], out, dynamic_axes=dict(entry.dynamic_axes), parity_inputs=inputs,
+                       engine=False)
+    assert result.ok
+    return out, len(lengths)

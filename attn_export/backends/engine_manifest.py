@@ -67,8 +67,12 @@ def build_manifest(*, engine_path: str | os.PathLike, onnx_path: str | os.PathLi
                    engine_bytes: bytes | None = None) -> dict:
     """The manifest of a freshly built engine. `machine` is machine_facts()'s dict, `plugin_library`
     plugin_library_facts()'s."""
-    from ..plugin_contracts import contracts_digest
+    try:
+        from ..plugin_contracts import contracts_digest
 
+        contracts = contracts_digest()
+    except ImportError:  # the op contracts import torch; without it, the plugin library's tag says the same
+        contracts = (plugin_library or {}).get("contracts")
     return {
         "format": FORMAT,
         "engine": Path(engine_path).name,
@@ -81,7 +85,7 @@ def build_manifest(*, engine_path: str | os.PathLike, onnx_path: str | os.PathLi
         "compute_capability": machine.get("compute_capability"),
         "sm": sm_of(machine.get("compute_capability")),
         "plugin_library": plugin_library,
-        "contracts": contracts_digest(),
+        "contracts": contracts,
         "precision": precision,
         "profiles": profiles_json,
         "timing_cache": str(timing_cache) if timing_cache else None,
@@ -158,6 +162,10 @@ def machine_facts() -> dict:
     info: dict = {"cuda_runtime": None, "cuda_driver": cuda_driver_version(), "gpu": None, "compute_capability": None}
     try:
         import torch
+    except ImportError:  # an edge device without PyTorch: ask the CUDA driver itself
+        info["gpu"], info["compute_capability"] = driver_device() or (None, None)
+        return info
+    try:
 
         info["cuda_runtime"] = torch.version.cuda
         if torch.cuda.is_available():
@@ -167,6 +175,26 @@ def machine_facts() -> dict:
     except Exception:  # a broken CUDA setup must not stop a manifest from being written
         pass
     return info
+
+
+def driver_device(index: int = 0) -> tuple[str, str] | None:
+    """(name, "8.7") of CUDA device `index` through libcuda, None without a driver or a device (no torch needed)."""
+    import ctypes
+
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+        device, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        name = ctypes.create_string_buffer(256)
+        if libcuda.cuInit(0) != 0 or libcuda.cuDeviceGet(ctypes.byref(device), index) != 0:
+            return None
+        # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76
+        if (libcuda.cuDeviceGetAttribute(ctypes.byref(major), 75, device) != 0
+                or libcuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device) != 0):
+            return None
+        libcuda.cuDeviceGetName(name, len(name), device)
+        return name.value.decode(errors="replace"), f"{major.value}.{minor.value}"
+    except (OSError, AttributeError):
+        return None
 
 
 def cuda_driver_version() -> str | None:

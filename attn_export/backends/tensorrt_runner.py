@@ -59,6 +59,8 @@ def tensorrt_status() -> tuple[bool, str]:
     try:
         import torch
         gpu = torch.cuda.is_available()
+    except ImportError:  # an edge device without PyTorch builds engines too: ask the driver
+        gpu = engine_manifest.driver_device() is not None
     except Exception:
         gpu = False
     if not gpu:
