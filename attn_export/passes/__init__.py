@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from . import (block_sparse, dense_attention, linear_attention, long_convolution, mixture_of_experts,
@@ -96,10 +97,15 @@ def fuse_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
             continue  # a softmax that is not attention (a classifier head, a gate)
         report.layers.append(LayerResult(_unique(layer_name(softmax), report.layers), "", "not fused", reason))
     _report_leftovers(index, probe, claimed | explained, report)
-    replace_all(fused, matches, index.static)
+    replace_all(fused, matches, index.static, dtype_of=lambda t: _probed_dtype(probe, t))
     remove_dead_nodes(fused.graph)  # first: shape nodes that read the removed tensors go with them
     topological_sort(fused.graph)
     return fused, report
+
+
+def _probed_dtype(probe: Probe, tensor: str):
+    value = probe.runs[0].get(tensor) if probe.runs else None
+    return None if value is None else np.asarray(value).dtype
 
 
 def _report_leftovers(index: GraphIndex, probe: Probe, claimed: set[int], report: FusionReport) -> None:
