@@ -11,6 +11,9 @@ from attn_export.export import export_onnx
 from attn_export.passes import fuse_graph
 from conftest import small_config
 
+# every graph fused here (the zoo under both exporters) also passes the plugins' own rules (conftest.py)
+pytestmark = pytest.mark.usefixtures("plugins_accept_fused_graphs")
+
 
 def _export(name, exporter, dynamic, causal=False):
     entry, config = small_config(name)
