@@ -324,7 +324,7 @@ def bench_cmd(model, backends, seq_lens, batch, dtype, device, warmup, iters, js
             if "tensorrt" in backend_names:
                 progress.update(task, description="building the TensorRT engine")
                 shapes = [{k: tuple(v.shape) for k, v in inputs_for(n).items()} for n in lengths]
-                cases.append(bench.tensorrt_case(fused, workdir, shapes, dtype))
+                cases += bench.tensorrt_cases(fused, workdir, shapes, dtype)
         progress.update(task, total=len(cases) * len(lengths))
         records = bench.run_benchmark(cases, inputs_for, lengths, batch, dtype, warmup, iters,
                                       started=lambda label: progress.update(task, description=label),
