@@ -90,7 +90,7 @@ def test_attention_with_an_escaping_tensor_is_reported_not_fused():
 
 def test_fused_graph_that_disagrees_is_refused(monkeypatch, tmp_path):
     module, model, inputs = _export("performer", "dynamo", False)
-    import attn_export.passes.linear_attention as lin
+    import attn_export.passes.kernelized_attention as lin
 
     real_match = lin.match
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import (block_sparse, dense_attention, linear_attention, long_convolution, mixture_of_experts,
+from . import (block_sparse, dense_attention, kernelized_attention, long_convolution, mixture_of_experts,
                onnx_attention)
 from .framework import LayerResult, NotFused, replace_all
 from .graph import GraphIndex, remove_dead_nodes, topological_sort
@@ -16,7 +16,7 @@ from .softmax_core import NO_SCORE_PRODUCT, NO_VALUE_PRODUCT, find_core, softmax
 
 # (family name, module with candidates(index, probe) and match(index, probe, candidate, name))
 # dense last: it takes the softmax attention no more specific family claimed
-FAMILY_PASSES = (("block_sparse", block_sparse), ("linear_attention", linear_attention),
+FAMILY_PASSES = (("block_sparse", block_sparse), ("kernelized_attention", kernelized_attention),
                  ("mixture_of_experts", mixture_of_experts), ("long_convolution", long_convolution),
                  ("onnx_attention", onnx_attention),
                  ("dense_attention", dense_attention))

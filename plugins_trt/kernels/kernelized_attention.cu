@@ -1,4 +1,4 @@
-// KernelizedAttention (attn_export/ops/linear_attention.py): out_i = phi(q_i) S / phi(q_i) z with
+// KernelizedAttention (attn_export/ops/kernelized_attention.py): out_i = phi(q_i) S / phi(q_i) z with
 // S = sum_j phi(k_j) v_j^T and z = sum_j phi(k_j) over all keys (non-causal) or keys j <= i (causal).
 //
 // Internally phi carries no 1/sqrt(M) (it cancels in the normalised output; an unnormalised favor output is

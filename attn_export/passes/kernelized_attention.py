@@ -15,14 +15,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..ops import LINEAR_ATTENTION
+from ..ops import KERNELIZED_ATTENTION
 from .chunk_layout import ChunkLayout
 from .framework import (GATHER_OPS, Match, NotFused, closed_region, constant, find_output, region, scalar_value,
                         untransposed, verify_numerically, walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
 
-OP = LINEAR_ATTENTION
+OP = KERNELIZED_ATTENTION
 EPS_CANDIDATES = (1e-6, 1e-4, 1e-3)
 
 
