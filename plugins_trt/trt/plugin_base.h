@@ -147,7 +147,7 @@ class AttnPlugin final : public nvinfer1::IPluginV3,
     if (nbOutputs != 1 || pos < 0 || pos >= nbInputs + nbOutputs || nbInputs > kMaxInputs) return false;
     if (inOut[pos].desc.format != nvinfer1::TensorFormat::kLINEAR) return false;
     // the rule itself is TensorRT-free (fields.h), so `attn-export plugins check` runs the same one
-    ElementType types[kMaxInputs + 1];
+    ElementType types[kMaxInputs + 1] = {};
     for (int32_t i = 0; i <= pos; ++i) types[i] = toElementType(inOut[i].desc.type);
     return acceptsType(Op::spec(), pos, nbInputs, types);
   }
