@@ -47,9 +47,10 @@ def kernelized(probe, b, h, n, d, dv, m, fmap=0, causal=0, limit=H200_SMEM) -> d
 def test_key_state_blocks_read_their_own_projection_rows(probe, m):
     """Every feature a key-state block projects is a row of its 64-row tile (the bug read row f of the tile)."""
     mp = (m + 31) // 32 * 32
-    for fb in range(math.ceil(mp / 64)):
-        for f in range(fb * 64, min(fb * 64 + 64, mp)):
-            assert int(probe("wrow", f, fb * 64)) == f - fb * 64
+    rows = [tuple(map(int, line.split())) for line in probe("wrows", m).splitlines()]
+    assert [f for f, _, _ in rows] == list(range(mp))  # every feature of every block, once
+    for f, f_base, row in rows:
+        assert f_base == f // 64 * 64 and row == f - f_base and 0 <= row < 64
     assert int(kernelized(probe, 1, 2, 200, 64, 64, m)["nfb"]) == math.ceil(mp / 64)
 
 

@@ -2,10 +2,11 @@
 //   launch_plan_probe kernelized BATCH HEADS SEQ D DV FEATURES FEATURE_MAP CAUSAL SMEM_LIMIT
 //   launch_plan_probe zslices TOTAL
 //   launch_plan_probe unflatten INDEX NX NY
-//   launch_plan_probe wrow FEATURE F_BASE
+//   launch_plan_probe wrows FEATURES      (per feature of each key-state block: "feature f_base tile_row")
 //   launch_plan_probe gemm M N
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 
 #include "../launch_plan.h"
@@ -49,8 +50,11 @@ int main(int argc, char** argv) {
     std::printf("%d %d %d\n", r.x, r.y, r.z);
     return 0;
   }
-  if (!std::strcmp(argv[1], "wrow") && argc == 4) {
-    std::printf("%d\n", plan::kernelized::w_tile_row(static_cast<int>(arg(2)), static_cast<int>(arg(3))));
+  if (!std::strcmp(argv[1], "wrows") && argc == 3) {
+    namespace k = plan::kernelized;
+    const int mp = static_cast<int>((arg(2) + 31) / 32 * 32);
+    for (int f_base = 0; f_base < mp; f_base += k::kFB)
+      for (int f = f_base; f < std::min(f_base + k::kFB, mp); ++f) std::printf("%d %d %d\n", f, f_base, k::w_tile_row(f, f_base));
     return 0;
   }
   if (!std::strcmp(argv[1], "gemm") && argc == 4) {
