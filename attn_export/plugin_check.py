@@ -37,8 +37,6 @@ RULE_SOURCES = ("tests/rules_harness.cpp", "fields.cpp", "block_sparse_attention
 FLAGS = ("-std=c++17", "-O1")
 PRECISIONS = ("fp32", "fp16", "bf16")
 _PRECISION_TYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-_ELEMENT = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-            onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT32: "int32"}
 _CUDA_STUB = ("#pragma once\ntypedef enum cudaError { cudaSuccess = 0, cudaErrorInvalidValue = 1, "
               "cudaErrorInvalidConfiguration = 9 } cudaError_t;\ntypedef struct CUstream_st* cudaStream_t;\n")
 
@@ -220,15 +218,12 @@ def _node_tensors(model: onnx.ModelProto, point: dict) -> dict[str, np.ndarray]:
         raise UserError(f"plugins check: cannot run the graph at {point}: {str(e).splitlines()[0]}") from None
 
 
-def _element(value: np.ndarray | None, proto_type: int | None, precision: str) -> str:
+def _element(value: np.ndarray, precision: str) -> str:
     """The element type TensorRT gives this plugin input: the graph's own type, except that float32 tensors of a
     graph built at fp16/bf16 take that precision (TensorRT 10's weak typing; TensorRT 11 needs a graph in that
     type, which then feeds it directly)."""
-    if value is not None:
-        name = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
-                np.dtype(np.int32): "int32"}.get(np.asarray(value).dtype, "other")
-    else:
-        name = _ELEMENT.get(proto_type, "other")
+    name = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
+            np.dtype(np.int32): "int32"}.get(np.asarray(value).dtype, "other")
     return _PRECISION_TYPE[precision] if name == "float32" else name
 
 
@@ -276,7 +271,7 @@ def _judge(binary: Path, nodes: list[onnx.NodeProto], runs: list[dict], precisio
             if any(v is None for v in values):
                 raise UserError(f"plugins check: node '{node.name}' reads '{name}', which the graph never computes")
             shapes = " ".join(_shape_text(np.shape(v)) for v in values)
-            lines.append(f"input {_element(values[0], None, precision)} {shapes}")
+            lines.append(f"input {_element(values[0], precision)} {shapes}")
         lines.append("end")
     try:
         result = subprocess.run([str(binary), "--check"], input="\n".join(lines) + "\n", capture_output=True,
