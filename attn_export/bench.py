@@ -1,9 +1,11 @@
 """Latency benchmarks: each backend at each sequence length, as JSON records and a latency-vs-length plot.
 
-Timing is wall clock around one full inference call after warm-up. On CUDA the inputs are already on the device
-and the call is synchronised, so the figure is trtexec's "GPU Compute Time" with --noDataTransfers; on CPU it is
-trtexec's "Latency". CUDA graphs are never used. onnxruntime is fed host arrays, so with the CUDA provider its
-figure includes the host-to-device and device-to-host copies (trtexec's "Latency" without --noDataTransfers).
+Two kinds of figure, named as trtexec names them:
+  - "GPU Compute Time": inputs and outputs resident on the device, each call bracketed by CUDA events on the
+    stream it runs on (torch eager on CUDA, and TensorRT on its bound buffers, as trtexec --noDataTransfers);
+  - "Latency": wall clock around a synchronised call with host arrays in and out, copies included (CPU runs,
+    onnxruntime, and TensorRT end to end as a second record).
+CUDA graphs are never used.
 """
 from __future__ import annotations
 
@@ -52,6 +54,22 @@ def latency_stats(samples_ms: np.ndarray) -> dict[str, float]:
     return stats
 
 
+def time_on_stream(call: Callable[[], object], warmup: int, iters: int, stream) -> np.ndarray:
+    """Milliseconds per call between CUDA events recorded on `stream` around it (trtexec's GPU Compute Time)."""
+    for _ in range(warmup):
+        call()
+    stream.synchronize()
+    samples = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        call()
+        end.record(stream)
+        end.synchronize()
+        samples.append(start.elapsed_time(end))
+    return np.asarray(samples)
+
+
 def time_calls(call: Callable[[], object], warmup: int, iters: int, sync: Callable[[], None]) -> np.ndarray:
     for _ in range(warmup):
         call()
@@ -93,9 +111,15 @@ class Case:
     """One thing to time: a backend on a graph, prepared once, called per sequence length."""
 
     def __init__(self, backend: str, graph: str, device: str, prepare: Callable[[dict], Callable[[], object]],
-                 transfers: str, peak_memory: Callable[[], float | None] = lambda: None):
+                 transfers: str, peak_memory: Callable[[], float | None] = lambda: None,
+                 stream: Callable[[], object] | None = None):
         self.backend, self.graph, self.device = backend, graph, device
         self.prepare, self.transfers, self.peak_memory = prepare, transfers, peak_memory
+        self.stream = stream  # the CUDA stream the call runs on: timed with events ("GPU Compute Time")
+
+    @property
+    def trtexec_name(self) -> str:
+        return "GPU Compute Time" if self.stream is not None else "Latency"
 
 
 def torch_case(module: torch.nn.Module, input_names: list[str], device: str, dtype: str) -> Case:
@@ -120,7 +144,8 @@ def torch_case(module: torch.nn.Module, input_names: list[str], device: str, dty
         return torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else None
 
     transfers = "inputs resident on the GPU, outputs left there" if device == "cuda" else "host memory only"
-    return Case("torch", "eager", device, prepare, transfers, peak)
+    stream = torch.cuda.current_stream if device == "cuda" else None
+    return Case("torch", "eager", device, prepare, transfers, peak, stream=stream)
 
 
 def onnxruntime_case(model: onnx.ModelProto, graph: str, device: str) -> Case:
@@ -138,25 +163,38 @@ def onnxruntime_case(model: onnx.ModelProto, graph: str, device: str) -> Case:
     return Case("onnxruntime", graph, device, prepare, transfers)
 
 
-def tensorrt_case(fused: onnx.ModelProto, workdir, input_shapes: list[dict[str, tuple]], dtype: str) -> Case:
-    """Build one engine whose profile spans every benchmarked shape, then time it through TensorRTRunner."""
+def span_profile(input_shapes: list[dict[str, tuple]]) -> dict[str, tuple]:
+    """One profile over every benchmarked shape: per-dimension min and max, opt the last (longest) shapes."""
+    return {name: (tuple(min(d) for d in zip(*(s[name] for s in input_shapes))), tuple(input_shapes[-1][name]),
+                   tuple(max(d) for d in zip(*(s[name] for s in input_shapes))))
+            for name in input_shapes[0]}
+
+
+def tensorrt_cases(fused: onnx.ModelProto, workdir, input_shapes: list[dict[str, tuple]], dtype: str) -> list[Case]:
+    """Build one engine whose profile spans every benchmarked shape; time it twice: GPU compute on bound device
+    buffers (CUDA events), and end to end with host copies (wall clock)."""
     from pathlib import Path
 
     from .backends import tensorrt_runner
     from .export import save_onnx
 
     onnx_path = save_onnx(fused, Path(workdir) / "model.fused.onnx")
-    profile = {name: (min(s[name] for s in input_shapes), input_shapes[-1][name], max(s[name] for s in input_shapes))
-               for name in input_shapes[0]}
+    profile = span_profile(input_shapes)
     engine = tensorrt_runner.build_engine(onnx_path, Path(workdir) / "model.plan",
                                           plugin_library=tensorrt_runner.find_plugin_library(), profiles=[profile],
                                           precision=dtype)  # fp32, fp16 or bf16
     runner = tensorrt_runner.TensorRTRunner(engine)
 
-    def prepare(feeds):
+    def resident(feeds):
+        runner.bind(feeds)  # copied once, outside the timing
+        return runner.enqueue
+
+    def end_to_end(feeds):
         return lambda: runner.run(feeds)
 
-    return Case("tensorrt", "model.plan", "cuda", prepare, "host arrays in and out (copies included)")
+    return [Case("tensorrt", "model.plan", "cuda", resident, "inputs and outputs resident on the GPU",
+                 stream=lambda: runner.stream),
+            Case("tensorrt", "model.plan (end to end)", "cuda", end_to_end, "host arrays in and out (copies included)")]
 
 
 def run_benchmark(cases: list[Case], inputs_for: Callable[[int], dict[str, np.ndarray]], seq_lens: list[int],
@@ -169,15 +207,18 @@ def run_benchmark(cases: list[Case], inputs_for: Callable[[int], dict[str, np.nd
         for case in cases:
             started(f"{case.backend}: {case.graph} at {seq_len} tokens" if seq_len else f"{case.backend}: {case.graph}")
             call = case.prepare(feeds)
-            sync = torch.cuda.synchronize if case.device == "cuda" and case.backend == "torch" else (lambda: None)
-            samples = time_calls(call, warmup, iters, sync)
+            if case.stream is not None:
+                samples = time_on_stream(call, warmup, iters, case.stream())
+            else:
+                sync = torch.cuda.synchronize if case.device == "cuda" else (lambda: None)
+                samples = time_calls(call, warmup, iters, sync)
             stats = latency_stats(samples)
             per_s = 1e3 / stats["mean"]
-            gpu_timed = case.device == "cuda" and case.backend != "onnxruntime"
             records.append(BenchRecord(
                 backend=case.backend, graph=case.graph, seq_len=seq_len, batch=batch, dtype=dtype,
-                device=case.device, latency_ms=stats, throughput_per_s=per_s, tokens_per_s=per_s * batch * seq_len if seq_len else None,
-                peak_memory_mb=case.peak_memory(), trtexec_name="GPU Compute Time" if gpu_timed else "Latency",
+                device=case.device, latency_ms=stats, throughput_per_s=per_s,
+                tokens_per_s=per_s * batch * seq_len if seq_len else None,
+                peak_memory_mb=case.peak_memory(), trtexec_name=case.trtexec_name,
                 transfers=case.transfers, iters=iters, warmup=warmup))
             finished()
     return records

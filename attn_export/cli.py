@@ -347,7 +347,7 @@ def bench_cmd(model, backends, seq_lens, batch, dtype, device, warmup, iters, js
             if "tensorrt" in backend_names:
                 progress.update(task, description="building the TensorRT engine")
                 shapes = [{k: tuple(v.shape) for k, v in inputs_for(n).items()} for n in lengths]
-                cases.append(bench.tensorrt_case(fused, workdir, shapes, dtype))
+                cases += bench.tensorrt_cases(fused, workdir, shapes, dtype)
         progress.update(task, total=len(cases) * len(lengths))
         records = bench.run_benchmark(cases, inputs_for, lengths, batch, dtype, warmup, iters,
                                       started=lambda label: progress.update(task, description=label),
@@ -510,6 +510,34 @@ def engine_cmd(out_dir, plugin_library, engine_path, precision, onnxruntime, ato
                              onnxruntime=onnxruntime, atol=atol, rtol=rtol, on_checks=show)
     click.echo(f"engine: {result.engine}; report {out_dir / EDGE_REPORT}")
     if not result.passed:
+        sys.exit(1)
+
+
+@plugins.command("check")
+@click.argument("graph", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Engine precision: the element types the plugins are offered.")
+@click.option("--min-shapes", multiple=True, metavar="NAME:DIMS,...", help="Profile minimum (trtexec style).")
+@click.option("--opt-shapes", multiple=True, metavar="NAME:DIMS,...",
+              help="Profile optimum [default: the shapes recorded at export, spanned per dimension].")
+@click.option("--max-shapes", multiple=True, metavar="NAME:DIMS,...", help="Profile maximum.")
+def plugins_check_cmd(graph, precision, min_shapes, opt_shapes, max_shapes):
+    """Run the plugin library's own C++ rules on every custom node of a fused graph, as TensorRT's parser and
+    builder would: fields, output shapes over the profile, formats at PRECISION, shape checks, launch limits.
+
+    \b
+      attn-export plugins check out/model.fused.onnx --precision fp16
+    Needs a C++ compiler, not TensorRT or a GPU. Exit 0 when every node is accepted, 1 with one line per refused
+    node, 2 when the graph is bad or the rules cannot be run.
+    """
+    from .plugin_check import check_file
+
+    results = check_file(graph, precision, min_shapes=min_shapes, opt_shapes=opt_shapes, max_shapes=max_shapes)
+    refused = [r for r in results if not r.accepted]
+    for r in refused:
+        click.echo(f"refused {r.name} ({r.op_type}): {r.detail}")
+    click.echo(f"{len(results) - len(refused)} of {len(results)} plugin nodes accepted at {precision}")
+    if refused:
         sys.exit(1)
 
 

@@ -20,20 +20,13 @@ import sys
 from pathlib import Path
 
 from .ops import OPS, PLUGIN_NAMESPACE, OpContract
-from .ops.dense_attention import MASKED_ROWS, SCORE_FNS
-from .ops.linear_attention import FEATURE_MAPS
-from .ops.mixture_of_experts import ACTIVATIONS
 
 HEADER = Path(__file__).resolve().parents[1] / "plugins_trt" / "trt" / "op_contracts.h"
 
-# The options of every string attribute, in the order the kernels' enums follow (attn_export_kernels.h).
+# The options of every string attribute, in the order the kernels' enums follow (attn_export_kernels.h), as the
+# contracts define them.
 STRING_OPTIONS: dict[tuple[str, str], tuple[str, ...]] = {
-    ("DenseAttention", "score_fn"): SCORE_FNS,
-    ("DenseAttention", "masked_rows"): MASKED_ROWS,
-    ("DisentangledAttention", "masked_rows"): MASKED_ROWS,
-    ("KernelizedAttention", "feature_map"): FEATURE_MAPS,
-    ("MixtureOfExperts", "activation"): ACTIVATIONS,
-}
+    (op.op_type, a.name): a.options for op in OPS.values() for a in op.attributes if a.kind == "string"}
 
 _FIELD_KINDS = {"int": "kInt", "ints": "kInts", "float": "kFloat", "string": "kString"}
 _SYMBOL = re.compile(r"in(\d+)\.d(\d+)$")
@@ -53,7 +46,7 @@ def options_for(contract: OpContract, attribute) -> tuple[str, ...]:
         options = STRING_OPTIONS[(contract.op_type, attribute.name)]
     except KeyError:
         raise ContractTableError(f"{contract.op_type}.{attribute.name}: a string attribute needs its options in "
-                                 "attn_export.plugin_contracts.STRING_OPTIONS") from None
+                                 "its contract Attribute (options=...)") from None
     if attribute.default not in options:
         raise ContractTableError(f"{contract.op_type}.{attribute.name}: default {attribute.default!r} is not one of "
                                  f"{options}")

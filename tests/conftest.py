@@ -49,3 +49,33 @@ def bigbird_build(tmp_path_factory):
                        engine=False)
     assert result.ok
     return out, len(lengths)
+@pytest.fixture
+def plugins_accept_fused_graphs(request, monkeypatch):
+    """Every fully fused graph the test makes must pass `attn-export plugins check` at fp32 and fp16: the plugin
+    library's own rules (fields, shapes over the profile, formats) accept every custom node. Without a C++
+    compiler the rules cannot run and nothing is checked (tests/test_plugin_rules.py skips likewise)."""
+    import attn_export.api
+    import attn_export.passes
+    from attn_export.plugin_check import check_model_at, find_compiler
+
+    if find_compiler() is None:
+        yield
+        return
+    produced = []
+    original = attn_export.passes.fuse_graph
+
+    def recording(model):
+        fused, report = original(model)
+        if report.all_fused:
+            produced.append(fused)
+        return fused, report
+
+    monkeypatch.setattr(attn_export.passes, "fuse_graph", recording)
+    monkeypatch.setattr(attn_export.api, "fuse_graph", recording)
+    if getattr(request.module, "fuse_graph", None) is original:
+        monkeypatch.setattr(request.module, "fuse_graph", recording)
+    yield
+    for fused in produced:
+        for precision, results in check_model_at(fused, ("fp32", "fp16")).items():
+            refused = [f"{r.name} ({r.op_type}): {r.detail}" for r in results if not r.accepted]
+            assert not refused, f"plugins check at {precision} refuses: " + "; ".join(refused)

@@ -1,6 +1,7 @@
 """attn-export bench on CPU: records with the promised fields, ordered percentiles, JSON and PNG written, and bad
 requests refused in one line."""
 import json
+import os
 
 import pytest
 
@@ -60,3 +61,41 @@ def test_bad_requests_exit_2_with_one_line(capsys, tmp_path, checkpoint, args, m
         pytest.skip("TensorRT is usable here")
     code, out, err = run(capsys, "bench", checkpoint, *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_tensorrt_profile_spans_each_dimension_not_the_tuples():
+    """min/max over shape tuples compare lexicographically: (2, 64) < (1, 128) would pick a batch 1..2 range with
+    64..64 tokens. Each dimension takes its own min and max."""
+    from attn_export.bench import span_profile
+
+    shapes = [{"ids": (2, 64), "mask": (2, 64)}, {"ids": (1, 128), "mask": (1, 128)}]
+    profile = span_profile(shapes)
+    assert profile["ids"] == ((1, 64), (1, 128), (2, 128))
+    assert profile["mask"] == ((1, 64), (1, 128), (2, 128))
+
+
+def _record(backend, graph, name, median, peak=None):
+    from attn_export.bench import BenchRecord
+
+    lat = {"min": median / 2, "mean": median, "median": median, "p90": median * 1.5, "p95": median * 2,
+           "p99": median * 3}
+    return BenchRecord(backend, graph, 16384, 1, "fp16", "cuda", lat, 1e3 / median, 1.6e7 / median, peak, name)
+
+
+def test_latency_table_fits_80_columns_with_whole_figures():
+    from rich.console import Console
+
+    from attn_export.report import bench_table
+
+    records = [_record("tensorrt", "model.plan", "GPU Compute Time", 12345.678, 81234.0),
+               _record("tensorrt", "model.plan (end to end)", "Latency", 0.000123),
+               _record("onnxruntime", "model.fused.onnx", "Latency", 3.21, None),
+               _record("torch", "eager", "GPU Compute Time", 1.5e6, 512.0)]
+    console = Console(width=80, record=True, color_system=None, file=open(os.devnull, "w"))
+    console.print(bench_table(records))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text and "..." not in text
+    assert "12346" in text and "1e-04" in text and "1500000" in text and "81234" in text and "3.21" in text
+    rows = [line for line in text.splitlines() if "16384" in line]
+    assert len(rows) == 4 and sum(" GPU " in row for row in rows) == 2 and sum(" e2e " in row for row in rows) == 2

@@ -11,6 +11,9 @@ from attn_export.export import export_onnx
 from attn_export.passes import fuse_graph
 from conftest import small_config
 
+# every graph fused here (the zoo under both exporters) also passes the plugins' own rules (conftest.py)
+pytestmark = pytest.mark.usefixtures("plugins_accept_fused_graphs")
+
 
 def _export(name, exporter, dynamic, causal=False):
     entry, config = small_config(name)
@@ -90,7 +93,7 @@ def test_fused_graph_that_disagrees_is_refused(monkeypatch, tmp_path):
     import dataclasses
 
     import attn_export.passes.fusion as fusion
-    import attn_export.passes.linear_attention as lin
+    import attn_export.passes.kernelized_attention as lin
 
     def wrong_match(*args, **kwargs):
         m = lin.match(*args, **kwargs)

@@ -301,6 +301,13 @@ LINEAR = [  # batch, heads, seq_len, head_dim, features, feature_map, causal, no
     (1, 1, 70, 32, 0, "identity", 1, 0),
     (2, 16, 65, 32, 0, "identity", 0, 1),
     (1, 2, 90, 48, 96, "favor_positive", 0, 1),  # head dim 48: CUDA-core path
+    # issue 14: more than 64 features (key-state blocks past the first read their own projection rows), causal
+    # favor in fp16 (phi(k) near eps), and a CUDA-core state too large for shared memory (kept in the workspace)
+    (1, 2, 200, 64, 266, "favor_positive", 0, 1),
+    (1, 2, 300, 64, 512, "favor_positive", 1, 1),
+    (2, 2, 100, 128, 128, "favor_positive", 1, 1),
+    (1, 2, 130, 48, 1200, "favor_positive", 0, 1),
+    (1, 1, 70, 48, 1200, "favor_positive", 1, 1),
 ]
 
 
@@ -403,6 +410,25 @@ def test_long_convolution(case, dtype):
 
 
 # ---- launch rules --------------------------------------------------------------------------------------------
+def test_grids_past_65535_blocks_along_y_or_z():
+    """batch * heads, experts * batch and the batch past 65535 (grid.y/z limit): the launchers flatten or slice."""
+    dtype = torch.float16
+    h = 65540
+    q, k, v = (rand(1, 8, h * 32, dtype=dtype) for _ in range(3))
+    check("KernelizedAttention", (q, k, v, rand(64, 32, dtype=dtype)),
+          {"num_heads": h, "feature_map": "favor_positive", "causal": 1}, dtype)
+    check("KernelizedAttention", (q, k, v, None), {"num_heads": h, "feature_map": "elu_plus_one"}, dtype)
+    q, k, v = (rand(1, 4, h * 32, dtype=dtype) for _ in range(3))
+    rel = [rand(8, h * 32, dtype=dtype) for _ in range(2)]
+    check("DisentangledAttention", (q, k, v, *rel), {"num_heads": h, "span": 4, "max_position": 0}, dtype)
+    b = 65537
+    q, k, v = (rand(b, 4, 32, dtype=dtype) for _ in range(3))
+    check("DenseAttention", (q, k, v, None), {"num_heads": 1}, dtype)
+    hidden = rand(b, 1, 16, dtype=dtype)
+    moe = (rand(16, 1, dtype=dtype), rand(1, 16, 16, dtype=dtype, scale=0.25), rand(1, 16, 16, dtype=dtype, scale=0.25))
+    check("MixtureOfExperts", (hidden, *moe), {"capacity": 1}, dtype)
+
+
 def test_kernels_run_inside_cuda_graph_capture():
     """Launchers neither allocate nor synchronise: a captured graph replays them."""
     b, h, n, d = 1, 4, 256, 64

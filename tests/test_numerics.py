@@ -7,7 +7,7 @@ import torch
 from onnx import helper
 
 from attn_export.check import compare_outputs, default_tolerances
-from attn_export.ops import BLOCK_SPARSE_ATTENTION as BSA, LINEAR_ATTENTION as LIN
+from attn_export.ops import BLOCK_SPARSE_ATTENTION as BSA, KERNELIZED_ATTENTION as LIN
 from attn_export.ops.functions import with_function_bodies
 
 FP16_MAX = float(np.finfo(np.float16).max)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from attn_export.ops import OPS, BLOCK_SPARSE_ATTENTION as BSA, LINEAR_ATTENTION as LIN
+from attn_export.ops import OPS, BLOCK_SPARSE_ATTENTION as BSA, KERNELIZED_ATTENTION as LIN
 from attn_export.ops.block_sparse_attention import visible_slots
 from conftest import run_single_op
 

@@ -2,11 +2,14 @@
 exporter, fuse every attention layer, onnxruntime parity against torch at every parity length)."""
 import json
 
+import onnx
 import pytest
 
 import models
 from conftest import small_config
 from test_cli import run, small_args
+
+from attn_export.plugin_check import check_model_at, find_compiler
 
 SEED_MECHANISMS = ["bigbird", "deberta", "evolving", "flash", "hypercube", "mgk", "performer", "spade", "switch",
                    "transformer-ls", "treeformer", "vit"]
@@ -46,3 +49,8 @@ def test_create_and_strict_build_fuse_everything_and_pass_parity(capsys, tmp_pat
     assert len({r["inputs"] for r in rows}) == len(entry.parity_seq_lens(config))
     assert {r["graph"] for r in rows} == {"model.onnx", "model.fused.onnx"}
     assert all(r["passed"] for r in rows), [r for r in rows if not r["passed"]]
+    # the plugin library's own rules accept every fused node at fp32 and fp16 (attn-export plugins check)
+    if find_compiler():
+        fused = onnx.load(tmp_path / "out" / "model.fused.onnx")
+        for precision, results in check_model_at(fused, ("fp32", "fp16")).items():
+            assert results and all(r.accepted for r in results), (precision, [r for r in results if not r.accepted])

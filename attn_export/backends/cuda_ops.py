@@ -1,7 +1,8 @@
 """The CUDA kernels of plugins_trt/ for torch tensors, with each op contract's reference as the fallback.
 
 `run_op(op_type, *tensors, **attrs)` runs a custom op: through the torch extension over plugins_trt/kernels when
-its floating inputs are CUDA tensors, through the contract's torch `reference` otherwise. The extension is built
+its floating inputs are CUDA tensors (the attributes passed by their contract names, checked and turned into kernel
+params by the plugins' own C++ rules), through the contract's torch `reference` otherwise. The extension is built
 on first use (torch.utils.cpp_extension, cached by torch); it needs a CUDA build of torch (>= 2.6), a GPU and
 nvcc. `unavailable_reason()` says in one line why it cannot be had here, or None.
 """
@@ -15,12 +16,12 @@ from pathlib import Path
 import torch
 
 from ..ops import OPS
-from ..ops.dense_attention import MASKED_ROWS, SCORE_FNS
-from ..ops.linear_attention import FEATURE_MAPS
-from ..ops.mixture_of_experts import ACTIVATIONS
 
 PLUGINS_DIR = Path(__file__).resolve().parents[2] / "plugins_trt"
 KERNELS_DIR = PLUGINS_DIR / "kernels"
+PLUGIN_RULES_DIR = PLUGINS_DIR / "trt"  # the plugins' TensorRT-free fields, shape checks and kernel params
+PLUGIN_RULES = ("fields.cpp", "block_sparse_attention.cpp", "dense_attention.cpp", "kernelized_attention.cpp",
+                "disentangled_attention.cpp", "mixture_of_experts.cpp", "long_convolution.cpp")
 EXTENSION_SOURCE = PLUGINS_DIR / "torch_ext" / "attn_export_ext.cpp"
 EXTENSION_NAME = "attn_export_cuda_kernels"
 
@@ -60,68 +61,16 @@ def load_extension(verbose: bool = False):
         raise CudaKernelsUnavailable(f"attn_export CUDA kernels unavailable: {reason}")
     from torch.utils.cpp_extension import load
 
-    sources = [str(EXTENSION_SOURCE)] + sorted(str(p) for p in KERNELS_DIR.glob("*.cu"))
+    sources = [str(EXTENSION_SOURCE)] + [str(PLUGIN_RULES_DIR / s) for s in PLUGIN_RULES]
+    sources += sorted(str(p) for p in KERNELS_DIR.glob("*.cu"))
     return load(
         name=EXTENSION_NAME,
         sources=sources,
-        extra_include_paths=[str(KERNELS_DIR)],
+        extra_include_paths=[str(KERNELS_DIR), str(PLUGIN_RULES_DIR)],
         extra_cflags=["-O3"],
         extra_cuda_cflags=["-O3", "-lineinfo"],
         verbose=verbose,
     )
-
-
-def _code(options: tuple[str, ...], value: str, attribute: str) -> int:
-    """A string attribute as the enum code the kernels take (its index in the contract's option list)."""
-    if value not in options:
-        raise ValueError(f"{attribute} must be one of {', '.join(options)}, not {value!r}")
-    return options.index(value)
-
-
-def _optional(tensors: tuple, index: int):
-    return tensors[index] if len(tensors) > index else None
-
-
-def _block_sparse(ext, t, a):
-    return ext.block_sparse_attention(t[0], t[1], t[2], t[3], _optional(t, 4), a["num_heads"], a["block_size"],
-                                      a["scale"], a["global_blocks"], a["count_repeats"])
-
-
-def _dense(ext, t, a):
-    return ext.dense_attention(t[0], t[1], t[2], _optional(t, 3), a["num_heads"], a["scale"], a["causal"],
-                               _code(SCORE_FNS, a["score_fn"], "score_fn"), a["logits_input"],
-                               _code(MASKED_ROWS, a["masked_rows"], "masked_rows"))
-
-
-def _kernelized(ext, t, a):
-    return ext.kernelized_attention(t[0], t[1], t[2], _optional(t, 3), a["num_heads"],
-                                    _code(FEATURE_MAPS, a["feature_map"], "feature_map"), a["causal"],
-                                    a["normalize"], a["scale"], a["eps"])
-
-
-def _disentangled(ext, t, a):
-    return ext.disentangled_attention(t[0], t[1], t[2], t[3], t[4], _optional(t, 5), a["num_heads"], a["span"],
-                                      a["max_position"], a["scale"], a["c2p"], a["p2c"],
-                                      _code(MASKED_ROWS, a["masked_rows"], "masked_rows"))
-
-
-def _moe(ext, t, a):
-    return ext.mixture_of_experts(t[0], t[1], t[2], t[3], a["capacity"], a["capacity_factor"],
-                                  _code(ACTIVATIONS, a["activation"], "activation"))
-
-
-def _long_conv(ext, t, a):
-    return ext.long_convolution(t[0], t[1], t[2], _optional(t, 3), a["channels"])
-
-
-KERNELS = {
-    "BlockSparseAttention": _block_sparse,
-    "DenseAttention": _dense,
-    "KernelizedAttention": _kernelized,
-    "DisentangledAttention": _disentangled,
-    "MixtureOfExperts": _moe,
-    "LongConvolution": _long_conv,
-}
 
 
 def on_cuda(tensors) -> bool:
@@ -137,5 +86,7 @@ def run_op(op_type: str, *tensors, **attrs):
     while tensors and tensors[-1] is None:
         tensors = tensors[:-1]
     if on_cuda(tensors):
-        return KERNELS[op_type](load_extension(), tensors, resolved)
+        # by name, as the contract spells them: the extension parses them as the plugins parse the ONNX node's
+        # fields (string options included) and takes shapes and params from the plugins' makeParams
+        return load_extension().run_op(op_type, list(tensors), resolved)
     return contract.reference(*tensors, **resolved)

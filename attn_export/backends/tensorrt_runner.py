@@ -360,6 +360,29 @@ class TensorRTRunner:
             self._profile = index
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Host arrays in, host arrays out (the copies included, as trtexec's end-to-end Latency)."""
+        import torch
+
+        buffers = self.bind(inputs)
+        self.execute()
+        # numpy has no bfloat16: such outputs come back as float32
+        return {name: (buffers[name].float() if buffers[name].dtype == torch.bfloat16 else buffers[name]).cpu().numpy()
+                for name in self.output_names}
+
+    def execute(self) -> None:
+        """One inference on the bound device buffers, synchronised."""
+        self.enqueue()
+        self.stream.synchronize()
+
+    def enqueue(self) -> None:
+        """One inference on the bound device buffers, queued on self.stream (not synchronised)."""
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            detail = "; ".join(self._logger.errors[-3:])
+            raise UserError(one_line(f"{self.engine_path}: TensorRT execution failed {detail}"))
+
+    def bind(self, inputs: dict[str, np.ndarray]) -> dict:
+        """Copy the inputs to the device, allocate the outputs there and give TensorRT their addresses; the
+        buffers stay bound (and referenced here) until the next bind, so enqueue() can run on them again."""
         import torch
 
         missing = [n for n in self.input_names if n not in inputs]
@@ -386,10 +409,5 @@ class TensorRTRunner:
 
         # the input copies ran on torch's current stream; the engine runs on ours
         self.stream.wait_stream(torch.cuda.current_stream())
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            detail = "; ".join(self._logger.errors[-3:])
-            raise UserError(one_line(f"{self.engine_path}: TensorRT execution failed {detail}"))
-        self.stream.synchronize()
-        # numpy has no bfloat16: such outputs come back as float32
-        return {name: (buffers[name].float() if buffers[name].dtype == torch.bfloat16 else buffers[name]).cpu().numpy()
-                for name in self.output_names}
+        self._bound = buffers
+        return buffers

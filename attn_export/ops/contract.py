@@ -47,9 +47,14 @@ class Attribute:
     kind: str
     default: Any
     doc: str
+    # a string attribute's values, in the order of the kernels' enum codes (attn_export_kernels.h): the one list
+    # the passes, the C++ field table (plugin_contracts) and the torch extension all read
+    options: tuple[str, ...] = ()
 
     def __post_init__(self):
         assert self.kind in ATTRIBUTE_KINDS, self.kind
+        assert (self.kind == "string") == bool(self.options), f"{self.name}: options go with string attributes"
+        assert self.kind != "string" or self.default in self.options, f"{self.name}: default not an option"
 
 
 @dataclass(frozen=True)

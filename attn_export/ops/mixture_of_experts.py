@@ -93,7 +93,8 @@ CONTRACT = OpContract(
     attributes=(
         Attribute("capacity", "int", 0, "tokens per expert per group; 0 means ceil(T * capacity_factor / E)"),
         Attribute("capacity_factor", "float", 1.0, "used when capacity is 0"),
-        Attribute("activation", "string", "relu", "expert activation: relu or gelu"),
+        Attribute("activation", "string", "relu", "expert activation: " + " or ".join(ACTIVATIONS),
+                  options=ACTIVATIONS),
     ),
     reference=reference,
     decompose=decompose,

@@ -244,8 +244,46 @@ def verify_numerically(contract: OpContract, probe: Probe, inputs: list, output,
     return ""
 
 
-def replace_all(model: onnx.ModelProto, matches: list[Match], static: set[str]) -> None:
-    """Detach exactly the matched nodes and insert each match's custom node and static helpers."""
+_FLOAT_PROTO = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.float16): onnx.TensorProto.FLOAT16,
+                np.dtype(np.float64): onnx.TensorProto.DOUBLE}
+
+
+def match_float_types(m: Match, dtype_of: Callable[[str], np.dtype | None]) -> None:
+    """Give every floating input of the custom node the float type of its input 0, in place.
+
+    The plugins take one float type across a node's floating inputs, and TensorRT 11 builds strongly typed (an fp16
+    engine is an fp16 graph), while the passes emit their constants (a feature projection, mask fill values) in
+    float32: such an initializer is converted, any other floating input whose type differs or is not known (a bias
+    the pass computes) gets a Cast. A float32 graph is left as it is."""
+    want = dtype_of(m.inputs[0])
+    if want is None or want not in _FLOAT_PROTO or want == np.float32:
+        return
+    target = _FLOAT_PROTO[want]
+    inits = {t.name: t for t in m.new_initializers}
+    for i, name in enumerate(m.inputs[1:], start=1):
+        spec = m.contract.inputs[i] if i < len(m.contract.inputs) else None
+        if not name or spec is None or "int32" in spec.dtypes:
+            continue
+        if name in inits:
+            t = inits[name]
+            if t.data_type in _FLOAT_PROTO.values() and t.data_type != target:
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(want), t.name))
+            continue
+        have = dtype_of(name)
+        if have is not None and have == want:
+            continue
+        cast = f"{m.name}/{spec.name}_as_{want.name}"
+        m.new_nodes.append(helper.make_node("Cast", [name], [cast], name=f"{cast}/cast", to=target))
+        m.inputs[i] = cast
+
+
+def replace_all(model: onnx.ModelProto, matches: list[Match], static: set[str],
+                dtype_of: Callable[[str], np.dtype | None] | None = None) -> None:
+    """Detach exactly the matched nodes and insert each match's custom node and static helpers (floating inputs
+    brought to one type where `dtype_of` tells the probed types)."""
+    if dtype_of is not None:
+        for m in matches:
+            match_float_types(m, dtype_of)
     removed = {id(n) for m in matches for n in m.nodes}
     # a kept shape computation may still read a region tensor (e.g. a layout sized from the split queries):
     # keep the region nodes that produce it

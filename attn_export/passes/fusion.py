@@ -2,10 +2,12 @@
 was fused and, for everything attention-like left in the graph, why not."""
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 # the family modules register themselves on import
-from . import block_sparse, dense_attention, linear_attention, long_convolution, mixture_of_experts, onnx_attention
+from . import (block_sparse, dense_attention, kernelized_attention, long_convolution, mixture_of_experts,
+               onnx_attention)
 from .einsum import normalize_einsums
 from .framework import FAMILY_PASSES, NotFused, replace_all
 from .fusion_report import FusionReport, LayerResult, layer_name
@@ -13,7 +15,7 @@ from .graph import GraphIndex, remove_dead_nodes, topological_sort
 from .probe import Probe
 from .softmax_core import NO_SCORE_PRODUCT, NO_VALUE_PRODUCT, find_core, softmax_nodes, value_product
 
-del block_sparse, dense_attention, linear_attention, long_convolution, mixture_of_experts, onnx_attention
+del block_sparse, dense_attention, kernelized_attention, long_convolution, mixture_of_experts, onnx_attention
 
 
 def fuse_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
@@ -52,10 +54,15 @@ def fuse_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
     report = FusionReport(list(results.values()))
     _report_unclaimed_softmax(index, probe, claimed | set(results), report)
     _report_leftovers(index, probe, claimed | explained, report)
-    replace_all(fused, matches, index.static)
+    replace_all(fused, matches, index.static, dtype_of=lambda t: _probed_dtype(probe, t))
     remove_dead_nodes(fused.graph)  # first: shape nodes that read the removed tensors go with them
     topological_sort(fused.graph)
     return fused, report
+
+
+def _probed_dtype(probe: Probe, tensor: str):
+    value = probe.runs[0].get(tensor) if probe.runs else None
+    return None if value is None else np.asarray(value).dtype
 
 
 def _report_unclaimed_softmax(index: GraphIndex, probe: Probe, seen: set[int], report: FusionReport) -> None:

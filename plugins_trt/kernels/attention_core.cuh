@@ -27,6 +27,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "launch_plan.h"
 
 namespace attn_export {
 namespace detail {
@@ -45,6 +46,7 @@ struct AttentionProblem {
   int heads, q_len, kv_len, head_dim, v_head_dim;
   int64_t q_stride, k_stride, v_stride, o_stride;  // elements between consecutive tokens
   int64_t q_batch, k_batch, v_batch, o_batch;      // elements between consecutive batch rows
+  int batch0;  // first batch row of this launch (grid.z holds at most 65535: the launchers slice the batch)
 };
 
 inline AttentionProblem make_problem(const void* q, const void* k, const void* v, void* out, int heads, int q_len,
@@ -100,7 +102,7 @@ __global__ void __launch_bounds__(WARPS * 32) tc_attention_kernel(const Attentio
   int* scratch = reinterpret_cast<int*>(sV + 2 * BK * LD);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * BQ;
+  const int b = blockIdx.z + pr.batch0, h = blockIdx.y, q0 = blockIdx.x * BQ;
   const T* qg = kQK ? static_cast<const T*>(pr.q) + b * pr.q_batch + h * D : nullptr;
   const T* kg = kQK ? static_cast<const T*>(pr.k) + b * pr.k_batch + h * D : nullptr;
   const T* vg = static_cast<const T*>(pr.v) + b * pr.v_batch + h * D;
@@ -267,9 +269,14 @@ cudaError_t launch_tc_attention(const AttentionProblem& pr, Policy pol, int batc
   auto kernel = tc_attention_kernel<T, D, WARPS, BK, Policy>;
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(ceil_div(pr.q_len, Cfg::BQ), pr.heads, batch);
-  kernel<<<grid, Cfg::THREADS, smem, stream>>>(pr, pol);
-  return cudaGetLastError();
+  for (int64_t slice = 0; slice < plan::z_slices(batch); ++slice) {
+    AttentionProblem part = pr;
+    part.batch0 = static_cast<int>(plan::z_slice_first(slice));
+    const dim3 grid(ceil_div(pr.q_len, Cfg::BQ), pr.heads, static_cast<unsigned>(plan::z_slice_count(batch, slice)));
+    kernel<<<grid, Cfg::THREADS, smem, stream>>>(part, pol);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 // The tensor-core path applies to 16-bit types, equal q/k and v head dims of 32, 64 or 128, and 16-byte aligned
@@ -308,7 +315,7 @@ __global__ void __launch_bounds__(128, 4)  // 4 blocks/SM: also steers ptxas awa
   int* scratch = reinterpret_cast<int*>(sV + kSimtKeys * DMAX);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * rows_per_block;
+  const int b = blockIdx.z + pr.batch0, h = blockIdx.y, q0 = blockIdx.x * rows_per_block;
   const T* qg = kQK ? static_cast<const T*>(pr.q) + b * pr.q_batch + h * dk : nullptr;
   const T* kg = kQK ? static_cast<const T*>(pr.k) + b * pr.k_batch + h * dk : nullptr;
   const T* vg = static_cast<const T*>(pr.v) + b * pr.v_batch + h * dv;
@@ -411,12 +418,18 @@ cudaError_t launch_simt_attention(const AttentionProblem& pr, Policy pol, int ba
   pol.tile = keys_per_tile;
   const int dk = reads_qk<Policy>::value ? pr.head_dim : 0;  // no Q or K tile in shared memory without QK
   const int dmax = dk > pr.v_head_dim ? dk : pr.v_head_dim;
-  const dim3 grid(ceil_div(pr.q_len, rows_per_block), pr.heads, batch);
   auto run = [&](auto kernel, size_t smem) -> cudaError_t {
     cudaError_t err = allow_smem(kernel, smem);
     if (err != cudaSuccess) return err;
-    kernel<<<grid, 128, smem, stream>>>(pr, pol, rows_per_block);
-    return cudaGetLastError();
+    for (int64_t slice = 0; slice < plan::z_slices(batch); ++slice) {  // batch rows past 65535: more launches
+      AttentionProblem part = pr;
+      part.batch0 = static_cast<int>(plan::z_slice_first(slice));
+      const dim3 grid(ceil_div(pr.q_len, rows_per_block), pr.heads,
+                      static_cast<unsigned>(plan::z_slice_count(batch, slice)));
+      kernel<<<grid, 128, smem, stream>>>(part, pol, rows_per_block);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+    return cudaSuccess;
   };
   if (dmax <= 64) return run(simt_attention_kernel<T, 64, Policy>, simt_attention_smem<64>(dk, scratch_ints));
   if (dmax <= 128) return run(simt_attention_kernel<T, 128, Policy>, simt_attention_smem<128>(dk, scratch_ints));

@@ -90,8 +90,8 @@ struct DenseAttentionParams {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// KernelizedAttention (attn_export/ops/linear_attention.py)
-// The codes of `feature_map`, in the order of linear_attention.FEATURE_MAPS.
+// KernelizedAttention (attn_export/ops/kernelized_attention.py)
+// The codes of `feature_map`, in the order of kernelized_attention.FEATURE_MAPS.
 enum class FeatureMap : int32_t { kFavorPositive = 0, kEluPlusOne = 1, kIdentity = 2 };
 
 struct KernelizedAttentionParams {

@@ -9,6 +9,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "launch_plan.h"
 
 namespace attn_export {
 namespace detail {
@@ -16,6 +17,7 @@ namespace detail {
 struct GemmArgs {
   int M, N, K;
   int batch, batch_split;  // batch entry z splits as (z / batch_split, z % batch_split) for the hi/lo strides
+  int z0;                  // first batch entry of this launch (grid.z holds at most 65535: launch_gemm slices)
   const int* m_count;      // rows of entry z: m_count[z] (nullptr: M); the grid covers M
   const void* a;           // A [M, K] rows
   int64_t lda, a_hi, a_lo;
@@ -74,7 +76,7 @@ __global__ void __launch_bounds__(128) gemm_tc_kernel(const GemmArgs g) {
   __shared__ __align__(16) T sA[2][kGemmBM * LDA];
   __shared__ __align__(16) T sB[2][B_ROWS * LDB];
 
-  const int z = blockIdx.z;
+  const int z = blockIdx.z + g.z0;
   const int rows = g.m_count ? g.m_count[z] : g.M;
   const int m0 = blockIdx.y * kGemmBM, n0 = blockIdx.x * kGemmBN;
   if (m0 >= rows) return;  // a grouped entry with fewer rows than the grid covers
@@ -174,7 +176,7 @@ __global__ void __launch_bounds__(256) gemm_simt_kernel(const GemmArgs g) {
   constexpr int BM = 64, BN = 64, BK = 16;
   __shared__ float sA[BK][BM + 4];
   __shared__ float sB[BK][BN + 4];
-  const int z = blockIdx.z;
+  const int z = blockIdx.z + g.z0;
   const int rows = g.m_count ? g.m_count[z] : g.M;
   const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
   if (m0 >= rows) return;
@@ -244,20 +246,32 @@ __global__ void __launch_bounds__(256) gemm_simt_kernel(const GemmArgs g) {
 template <typename T>
 cudaError_t launch_gemm(const GemmArgs& g, cudaStream_t stream) {
   if (g.M <= 0 || g.N <= 0 || g.batch <= 0) return cudaSuccess;
-  const dim3 grid(ceil_div(g.N, 64), ceil_div(g.M, 64), g.batch);
+  if (plan::gemm_launch_limit(g.M, g.N)) return cudaErrorInvalidConfiguration;
+  bool tc = false;
   if constexpr (sizeof(T) == 2) {
-    const bool tc = g.K % 8 == 0 && g.N % 8 == 0 && g.lda % 8 == 0 && g.ldb % 8 == 0 && g.ldc % 2 == 0 &&
-                    g.c_hi % 2 == 0 && g.c_lo % 2 == 0 &&
-                    g.a_hi % 8 == 0 && g.a_lo % 8 == 0 && g.b_hi % 8 == 0 && g.b_lo % 8 == 0 &&
-                    aligned16(g.a) && aligned16(g.b) && (reinterpret_cast<uintptr_t>(g.c) & 7u) == 0;
-    if (tc) {
-      if (g.b_nk) gemm_tc_kernel<T, true><<<grid, 128, 0, stream>>>(g);
-      else gemm_tc_kernel<T, false><<<grid, 128, 0, stream>>>(g);
-      return cudaGetLastError();
-    }
+    tc = g.K % 8 == 0 && g.N % 8 == 0 && g.lda % 8 == 0 && g.ldb % 8 == 0 && g.ldc % 2 == 0 &&
+         g.c_hi % 2 == 0 && g.c_lo % 2 == 0 &&
+         g.a_hi % 8 == 0 && g.a_lo % 8 == 0 && g.b_hi % 8 == 0 && g.b_lo % 8 == 0 &&
+         aligned16(g.a) && aligned16(g.b) && (reinterpret_cast<uintptr_t>(g.c) & 7u) == 0;
   }
-  gemm_simt_kernel<T><<<grid, 256, 0, stream>>>(g);
-  return cudaGetLastError();
+  // batch entries (experts * batch, batch * heads) past 65535 go in further launches along z
+  for (int64_t slice = 0; slice < plan::z_slices(g.batch); ++slice) {
+    GemmArgs part = g;
+    part.z0 = static_cast<int>(plan::z_slice_first(slice));
+    const dim3 grid(ceil_div(g.N, 64), ceil_div(g.M, 64), static_cast<unsigned>(plan::z_slice_count(g.batch, slice)));
+    bool launched = false;
+    if constexpr (sizeof(T) == 2) {
+      if (tc) {
+        if (g.b_nk) gemm_tc_kernel<T, true><<<grid, 128, 0, stream>>>(part);
+        else gemm_tc_kernel<T, false><<<grid, 128, 0, stream>>>(part);
+        launched = true;
+      }
+    }
+    if (!launched) gemm_simt_kernel<T><<<grid, 256, 0, stream>>>(part);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 }  // namespace detail

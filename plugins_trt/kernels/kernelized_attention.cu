@@ -1,4 +1,4 @@
-// KernelizedAttention (attn_export/ops/linear_attention.py): out_i = phi(q_i) S / phi(q_i) z with
+// KernelizedAttention (attn_export/ops/kernelized_attention.py): out_i = phi(q_i) S / phi(q_i) z with
 // S = sum_j phi(k_j) v_j^T and z = sum_j phi(k_j) over all keys (non-causal) or keys j <= i (causal).
 //
 // Internally phi carries no 1/sqrt(M) (it cancels in the normalised output; an unnormalised favor output is
@@ -23,16 +23,18 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "launch_plan.h"
 
 namespace attn_export {
 namespace detail {
 namespace {
 
-constexpr int kTile = 64;  // tokens per tile (and per causal chunk)
-constexpr int kFB = 64;    // features per key-state block
-constexpr int kFC = 32;    // features per register chunk on the query side
-constexpr int kMaxTcFeatures = 512;  // beyond, the query kernel's W and S tiles outgrow shared memory anyway
-constexpr int kTargetBlocks = 264;  // key-state blocks to aim for (two waves on a 132-SM H100) when splitting keys
+namespace kp = plan::kernelized;
+using kp::kFB;
+using kp::kFC;
+using kp::kMaxTcFeatures;
+using kp::kTile;
+using kp::record_floats;
 constexpr int kFavor = static_cast<int>(FeatureMap::kFavorPositive);
 constexpr int kElu = static_cast<int>(FeatureMap::kEluPlusOne);
 
@@ -58,10 +60,14 @@ struct LinearArgs {
   float* z;                // non-causal combined z [bh, mp]
   float* s_scale;          // [bh]
   float* w_bound;          // causal favor shift: max_r |w_r|^2 / 2
+  float* simt_state;       // CUDA-core kernel: feature-sized arrays in the workspace (nullptr: in shared memory)
 };
 
-// record of a key-state block: S part [kFB][dv], z part [kFB], then (non-causal) the shift c and sum(v) [dv]
-__host__ __device__ inline int record_floats(int dv) { return kFB * dv + kFB + 1 + dv; }
+// Causal favor in fp16: the fixed shift leaves phi(k) near eps (1e-6, subnormal in fp16, stored as 1.0133e-6).
+// phi(k) is kept times this power of two in the 16-bit tiles and fp32 records, and the query kernel divides it out
+// before anything is packed again, so no 16-bit phi(k) or phi(q).phi(k) is subnormal or overflows (<= M + 1).
+template <typename T> struct CausalBoost { static constexpr float value = 1.f; };
+template <> struct CausalBoost<__half> { static constexpr float value = 1024.f; };
 
 // ---- shared pieces --------------------------------------------------------------------------------------------
 template <typename T, int ROWS, int COLS, int THREADS>
@@ -106,10 +112,12 @@ __device__ __forceinline__ void half_norms(float (&hn)[2], const T* sX, int ld, 
 }
 
 // phi(keys) for 64 keys x features [f0, f0 + 32 * chunks) into sP (columns from p0), with a fixed favor shift c
-// (phi = exp(logit - c) + eps_add) or the element-wise maps; keys >= n and features >= m give 0.
+// (phi = boost * (exp(logit - c) + eps_add)) or the element-wise maps; keys >= n and features >= m give 0.
+// f0 is the global feature number (bounds, key columns); sW holds projection rows from global feature w_base on.
 template <typename T, int D>
-__device__ void key_features(T* sP, int ldp, int p0, const T* sK, int ldk, const T* sW, int ldw, int f0, int chunks,
-                             const LinearArgs& a, int key0, float c, float eps_add, int warp, int lane) {
+__device__ void key_features(T* sP, int ldp, int p0, const T* sK, int ldk, const T* sW, int ldw, int w_base, int f0,
+                             int chunks, const LinearArgs& a, int key0, float c, float eps_add, float boost, int warp,
+                             int lane) {
   const int row = warp * 16 + lane / 4;
   if (a.fmap == kFavor) {
     uint32_t kf[D / 16][4];
@@ -119,7 +127,7 @@ __device__ void key_features(T* sP, int ldp, int p0, const T* sK, int ldk, const
     half_norms<T, D>(hn, sK, ldk, row, lane, a.root_scale);
     for (int ch = 0; ch < chunks; ++ch) {
       float lg[4][4];
-      project32<T, D>(lg, kf, sW, ldw, f0 + ch * kFC, lane);
+      project32<T, D>(lg, kf, sW, ldw, kp::w_tile_row(f0 + ch * kFC, w_base), lane);
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
@@ -129,7 +137,7 @@ __device__ void key_features(T* sP, int ldp, int p0, const T* sK, int ldk, const
           for (int e = 0; e < 2; ++e) {
             const int f = f0 + ch * kFC + nt * 8 + (lane % 4) * 2 + e;
             const bool ok = key0 + row + 8 * r < a.n && f < a.m;
-            phi[e] = ok ? expf(a.root_scale * lg[nt][2 * r + e] - hn[r] - c) + eps_add : 0.f;
+            phi[e] = ok ? (expf(a.root_scale * lg[nt][2 * r + e] - hn[r] - c) + eps_add) * boost : 0.f;
           }
           *reinterpret_cast<uint32_t*>(sP + (row + 8 * r) * ldp + p0 + ch * kFC + nt * 8 + (lane % 4) * 2) =
               pack2<T>(phi[0], phi[1]);
@@ -146,7 +154,7 @@ __device__ void key_features(T* sP, int ldp, int p0, const T* sK, int ldk, const
 }
 
 // ================================================================================================================
-// 1. key_state: grid (nfb, splits or chunks, batch*heads), 4 warps
+// 1. key_state: flat grid over (nfb, splits or chunks, batch*heads), 4 warps
 // ================================================================================================================
 template <typename T, int D, int DV>
 struct KeyStateSmem {
@@ -168,7 +176,8 @@ __global__ void __launch_bounds__(128, 2) key_state_kernel(const LinearArgs a) {
   float* s_max = reinterpret_cast<float*>(sP + kTile * LDP);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tid = threadIdx.x;
-  const int fb = blockIdx.x, part = blockIdx.y, bh = blockIdx.z, b = bh / a.heads, h = bh % a.heads;
+  const plan::Index3 at = plan::unflatten3(blockIdx.x, a.nfb, CAUSAL ? a.tiles : a.splits);
+  const int fb = at.x, part = at.y, bh = at.z, b = bh / a.heads, h = bh % a.heads;
   const int f_base = fb * kFB;
   const bool favor = a.fmap == kFavor;
   const int first = CAUSAL ? part : static_cast<int>(static_cast<int64_t>(part) * a.tiles / a.splits);
@@ -237,7 +246,9 @@ __global__ void __launch_bounds__(128, 2) key_state_kernel(const LinearArgs a) {
       z_col *= alpha;
       c_run = c_new;
     }
-    key_features<T, D>(sP, LDP, 0, cK, LDX, sW, LDX, f_base, kFB / kFC, a, key0, c_run, eps_add, warp, lane);
+    const float boost = CAUSAL && favor ? CausalBoost<T>::value : 1.f;
+    key_features<T, D>(sP, LDP, 0, cK, LDX, sW, LDX, f_base, f_base, kFB / kFC, a, key0, c_run, eps_add, boost, warp,
+                       lane);
     __syncthreads();
 
     // S[f, :] += sum_keys phi[key, f] v[key, :]   (A = phi^T straight from the [key][feature] tile)
@@ -335,13 +346,15 @@ __global__ void __launch_bounds__(256) combine_kernel(const LinearArgs a) {
 }
 
 // ================================================================================================================
-// 2b. causal: exclusive prefix over chunks, in place, one thread per state element
+// 2b. causal: exclusive prefix over chunks, in place, one thread per state element; flat grid over (slices of a
+// chunk's state, batch*heads)
 // ================================================================================================================
-__global__ void prefix_kernel(const LinearArgs a) {
+__global__ void prefix_kernel(const LinearArgs a, int slices) {
   const int per_chunk = a.nfb * record_floats(a.dv);
-  const int x = blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t bh = blockIdx.x / slices;
+  const int x = static_cast<int>(blockIdx.x % slices) * blockDim.x + threadIdx.x;
   if (x >= per_chunk) return;
-  float* base = a.records + static_cast<int64_t>(blockIdx.y) * a.tiles * per_chunk + x;
+  float* base = a.records + bh * a.tiles * per_chunk + x;
   float running = 0.f;
   for (int c = 0; c < a.tiles; ++c) {
     const float v = base[static_cast<int64_t>(c) * per_chunk];
@@ -367,7 +380,7 @@ __global__ void projection_bound_kernel(const LinearArgs a) {  // causal favor s
 }
 
 // ================================================================================================================
-// 3. query: grid (tiles, heads, batch), 4 warps of 16 queries
+// 3. query: flat grid over (tiles, batch*heads), 4 warps of 16 queries
 // ================================================================================================================
 template <typename T, int D, int DV>
 struct QuerySmem {
@@ -395,7 +408,8 @@ __global__ void __launch_bounds__(128, 2) query_kernel(const LinearArgs a) {
   float* s_red = sZ + mp;                                                 // [16]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z, bh = b * a.heads + h;
+  const int tile = static_cast<int>(blockIdx.x % a.tiles), bh = static_cast<int>(blockIdx.x / a.tiles);
+  const int b = bh / a.heads, h = bh % a.heads;
   const int q0 = tile * kTile;
   const bool favor = a.fmap == kFavor;
   const int64_t x_stride = static_cast<int64_t>(a.heads) * D, v_stride = static_cast<int64_t>(a.heads) * DV;
@@ -447,7 +461,8 @@ __global__ void __launch_bounds__(128, 2) query_kernel(const LinearArgs a) {
 
   if constexpr (CAUSAL) {
     const float c = favor ? *a.w_bound : 0.f;
-    key_features<T, D>(sP, ldp, 0, sK, LDX, sW, LDX, 0, mp / kFC, a, q0, c, favor ? a.eps : 0.f, warp, lane);
+    key_features<T, D>(sP, ldp, 0, sK, LDX, sW, LDX, 0, 0, mp / kFC, a, q0, c, favor ? a.eps : 0.f,
+                       favor ? CausalBoost<T>::value : 1.f, warp, lane);
     __syncthreads();
   }
 
@@ -536,21 +551,26 @@ __global__ void __launch_bounds__(128, 2) query_kernel(const LinearArgs a) {
     }
   }
 
-  // the state term was computed against S / scale
+  // the state term was computed against S / scale; causal favor states and phi(k) carry the boost
+  const float unboost = CAUSAL && favor ? 1.f / CausalBoost<T>::value : 1.f;
+  const float o_mul = scale * unboost;
 #pragma unroll
-  for (int i = 0; i < DV / 8; ++i) o[i][0] *= scale, o[i][1] *= scale, o[i][2] *= scale, o[i][3] *= scale;
-  den[0] = quad_sum(den[0]), den[1] = quad_sum(den[1]);
+  for (int i = 0; i < DV / 8; ++i) o[i][0] *= o_mul, o[i][1] *= o_mul, o[i][2] *= o_mul, o[i][3] *= o_mul;
+  den[0] = quad_sum(den[0]) * unboost, den[1] = quad_sum(den[1]) * unboost;
 
   if constexpr (CAUSAL) {
-    // in-chunk part: key j sees query i iff j <= i
+    // in-chunk part: key j sees query i iff j <= i. The weights are rounded to T here, as the P.V product
+    // below reads them, so numerator and denominator sum the same weights.
     float part[2] = {0.f, 0.f};
 #pragma unroll
     for (int nt = 0; nt < kTile / 8; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int j = nt * 8 + (lane % 4) * 2 + (e & 1);
-        if (j > row + 8 * (e >> 1)) qk[nt][e] = 0.f;
-        part[e >> 1] += qk[nt][e];
+      for (int e = 0; e < 4; e += 2) {
+        const int j = nt * 8 + (lane % 4) * 2;
+        const int i = row + 8 * (e >> 1);
+        const float2 w = unpack2<T>(pack2<T>(j > i ? 0.f : qk[nt][e] * unboost, j + 1 > i ? 0.f : qk[nt][e + 1] * unboost));
+        qk[nt][e] = w.x, qk[nt][e + 1] = w.y;
+        part[e >> 1] += w.x + w.y;
       }
     den[0] += quad_sum(part[0]), den[1] += quad_sum(part[1]);
 #pragma unroll
@@ -583,32 +603,32 @@ __global__ void __launch_bounds__(128, 2) query_kernel(const LinearArgs a) {
 }
 
 // ================================================================================================================
-// CUDA-core fallback: grid (ceil(dv / 32), heads, batch), 256 threads, 16-token chunks in sequence order
+// CUDA-core fallback: flat grid over (ceil(dv / 32), heads, batch), 256 threads, 16-token chunks in sequence order
 // ================================================================================================================
-constexpr int kChunk = 16;
-
-inline size_t simt_smem(int d, int m) {
-  return sizeof(float) * (kChunk * d + 2 * kChunk * m + static_cast<size_t>(m) * 32 + m + kChunk * 32 +
-                          kChunk * kChunk + 4 * kChunk + 16);
-}
+using kp::kChunk;
 
 template <typename T>
 __global__ void __launch_bounds__(256) simt_linear_kernel(const LinearArgs a) {
   extern __shared__ __align__(16) float sm[];
   const int d = a.d, m = a.m;
-  float* sX = sm;                 // [kChunk][d] the chunk's q or k
-  float* sPq = sX + kChunk * d;   // [kChunk][m]
-  float* sPk = sPq + kChunk * m;  // [kChunk][m]
-  float* sS = sPk + kChunk * m;   // [m][32] state for this block's 32 value columns
-  float* sZ = sS + m * 32;        // [m]
-  float* sV = sZ + m;             // [kChunk][32]
-  float* sA = sV + kChunk * 32;   // [kChunk][kChunk] causal in-chunk phi(q).phi(k)
+  // fixed-size arrays first (launch_plan.h: simt_fixed_floats), then the feature-sized ones, in shared memory
+  // after them or, when they do not fit, in this block's slice of the workspace
+  float* sX = sm;                      // [kChunk][d] the chunk's q or k
+  float* sV = sX + kChunk * d;         // [kChunk][32]
+  float* sA = sV + kChunk * 32;        // [kChunk][kChunk] causal in-chunk phi(q).phi(k)
   float* sRow = sA + kChunk * kChunk;  // [kChunk] half norms, then row maxima
   float* sDen = sRow + kChunk;         // [kChunk]
   float* sMisc = sDen + kChunk;        // [16]
+  float* big = a.simt_state ? a.simt_state + static_cast<int64_t>(blockIdx.x) * kp::simt_feature_floats(m)
+                            : sMisc + 16;
+  float* sPq = big;                // [kChunk][m]
+  float* sPk = sPq + kChunk * m;   // [kChunk][m]
+  float* sS = sPk + kChunk * m;    // [m][32] state for this block's 32 value columns
+  float* sZ = sS + m * 32;         // [m]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int j0 = blockIdx.x * 32, h = blockIdx.y, b = blockIdx.z;
+  const plan::Index3 at = plan::unflatten3(blockIdx.x, kp::simt_column_blocks(a.dv), a.heads);
+  const int j0 = at.x * 32, h = at.y, b = at.z;
   const bool favor = a.fmap == kFavor;
   const int64_t x_stride = static_cast<int64_t>(a.heads) * d, v_stride = static_cast<int64_t>(a.heads) * a.dv;
   const T* qg = static_cast<const T*>(a.q) + static_cast<int64_t>(b) * a.n * x_stride + h * d;
@@ -772,62 +792,37 @@ __global__ void __launch_bounds__(256) simt_linear_kernel(const LinearArgs a) {
 // ================================================================================================================
 // host side
 // ================================================================================================================
-// value head dim = query head dim (every zoo model); other shapes take the CUDA-core kernel, which keeps the
-// number of instantiations (and the build time) down
-bool dims_fit_tc(int d, int dv) { return (d == 32 || d == 64 || d == 128) && dv == d; }
-
-int feature_count(const KernelizedAttentionParams& p) {
-  return p.feature_map == kFavor ? p.num_features : p.head_dim;
-}
+using kp::dims_fit_tc;
 
 LinearArgs make_args(const KernelizedAttentionParams& p) {
+  const kp::Shape s = kp::shape(p);
   LinearArgs a{};
   a.q = p.query, a.k = p.key, a.v = p.value, a.w = p.projection, a.out = p.output;
-  a.batch = p.batch, a.heads = p.num_heads, a.n = p.seq_len, a.d = p.head_dim, a.dv = p.v_head_dim;
-  a.m = feature_count(p), a.mp = (a.m + 31) / 32 * 32;
-  a.fmap = p.feature_map, a.causal = p.causal != 0, a.normalize = p.normalize != 0;
+  a.batch = s.batch, a.heads = s.heads, a.n = s.n, a.d = s.d, a.dv = s.dv, a.m = s.m, a.mp = s.mp;
+  a.fmap = p.feature_map, a.causal = s.causal, a.normalize = p.normalize != 0;
   const float scale = p.scale != 0.f ? p.scale : 1.f / std::sqrt(static_cast<float>(p.head_dim));
   a.root_scale = std::sqrt(scale);
   a.eps = p.eps;
-  a.tiles = ceil_div(p.seq_len, kTile);
-  a.nfb = ceil_div(a.mp, kFB);
-  const int blocks = p.batch * p.num_heads * a.nfb;
-  a.splits = std::max(1, std::min({ceil_div(kTargetBlocks, std::max(blocks, 1)), a.tiles, 64}));
+  a.tiles = s.tiles, a.nfb = s.nfb, a.splits = s.splits;
   return a;
 }
 
-struct WorkspaceLayout {
-  size_t records, s_fp32, s_half, z, s_scale, w_bound, total;
-};
-
-// Every term grows with the shapes (TensorRT sizes the workspace at a profile's largest shapes and runs smaller
-// ones), so the non-causal record count uses a bound of batch*heads*splits that does not shrink with batch*heads.
-WorkspaceLayout layout(const LinearArgs& a) {
-  const size_t bh = static_cast<size_t>(a.batch) * a.heads;
-  const size_t split_bound =
-      std::min(bh * std::min(a.tiles, 64), bh + static_cast<size_t>(ceil_div(kTargetBlocks, a.nfb)));
-  const size_t record_sets = a.causal ? bh * a.tiles : split_bound;
-  WorkspaceLayout l{};
-  size_t off = 0;
-  l.records = off, off += align_up(sizeof(float) * record_sets * a.nfb * record_floats(a.dv));
-  const size_t s_elems = a.causal ? 0 : bh * a.mp * a.dv;
-  l.s_fp32 = off, off += align_up(sizeof(float) * s_elems);
-  l.s_half = off, off += align_up(sizeof(uint16_t) * s_elems);
-  l.z = off, off += align_up(sizeof(float) * (a.causal ? 0 : bh * a.mp));
-  l.s_scale = off, off += align_up(sizeof(float) * bh);
-  l.w_bound = off, off += align_up(sizeof(float));
-  l.total = off;
-  return l;
+kp::Shape shape_of(const LinearArgs& a) {
+  kp::Shape s{};
+  s.batch = a.batch, s.heads = a.heads, s.n = a.n, s.d = a.d, s.dv = a.dv, s.m = a.m, s.mp = a.mp;
+  s.tiles = a.tiles, s.nfb = a.nfb, s.splits = a.splits, s.causal = a.causal != 0, s.favor = a.fmap == kFavor;
+  return s;
 }
 
 template <typename T, int D, int DV>
 cudaError_t run_tc(LinearArgs a, void* workspace, cudaStream_t stream) {
-  const WorkspaceLayout l = layout(a);
+  const kp::Shape shp = shape_of(a);
+  const kp::WorkspaceLayout l = kp::tc_layout(shp);
   char* w = static_cast<char*>(workspace);
   a.records = reinterpret_cast<float*>(w + l.records), a.s_fp32 = reinterpret_cast<float*>(w + l.s_fp32);
   a.s_half = w + l.s_half, a.z = reinterpret_cast<float*>(w + l.z), a.s_scale = reinterpret_cast<float*>(w + l.s_scale);
   a.w_bound = reinterpret_cast<float*>(w + l.w_bound);
-  const int bh = a.batch * a.heads;
+  const int bh = a.batch * a.heads;  // combine: one block per batch*head in grid.x
   cudaError_t err;
   const size_t ks_smem = KeyStateSmem<T, D, DV>::bytes(), q_smem = QuerySmem<T, D, DV>::bytes(a.mp, a.causal);
 
@@ -838,24 +833,24 @@ cudaError_t run_tc(LinearArgs a, void* workspace, cudaStream_t stream) {
     }
     auto ks = key_state_kernel<T, D, DV, true>;
     if ((err = allow_smem(ks, ks_smem)) != cudaSuccess) return err;
-    ks<<<dim3(a.nfb, a.tiles, bh), 128, ks_smem, stream>>>(a);
+    ks<<<static_cast<unsigned>(kp::key_state_blocks(shp)), 128, ks_smem, stream>>>(a);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    prefix_kernel<<<dim3(ceil_div(a.nfb * record_floats(DV), 256), bh), 256, 0, stream>>>(a);
+    prefix_kernel<<<static_cast<unsigned>(kp::prefix_blocks(shp)), 256, 0, stream>>>(a, kp::prefix_slices(shp));
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
     auto qk = query_kernel<T, D, DV, true>;
     if ((err = allow_smem(qk, q_smem)) != cudaSuccess) return err;
-    qk<<<dim3(a.tiles, a.heads, a.batch), 128, q_smem, stream>>>(a);
+    qk<<<static_cast<unsigned>(kp::query_blocks(shp)), 128, q_smem, stream>>>(a);
     return cudaGetLastError();
   }
   auto ks = key_state_kernel<T, D, DV, false>;
   if ((err = allow_smem(ks, ks_smem)) != cudaSuccess) return err;
-  ks<<<dim3(a.nfb, a.splits, bh), 128, ks_smem, stream>>>(a);
+  ks<<<static_cast<unsigned>(kp::key_state_blocks(shp)), 128, ks_smem, stream>>>(a);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   combine_kernel<T><<<bh, 256, sizeof(float) * a.dv, stream>>>(a);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   auto qk = query_kernel<T, D, DV, false>;
   if ((err = allow_smem(qk, q_smem)) != cudaSuccess) return err;
-  qk<<<dim3(a.tiles, a.heads, a.batch), 128, q_smem, stream>>>(a);
+  qk<<<static_cast<unsigned>(kp::query_blocks(shp)), 128, q_smem, stream>>>(a);
   return cudaGetLastError();
 }
 
@@ -884,10 +879,18 @@ cudaError_t run(const KernelizedAttentionParams& p, void* workspace, cudaStream_
       }
     }
   }
-  const size_t smem = simt_smem(a.d, a.m);
+  // the CUDA-core kernel: state in shared memory where it fits, else in the workspace the plan reserved
+  const kp::Shape shp = shape_of(a);
+  LinearArgs sa = a;
+  size_t smem = kp::simt_smem_all(a.d, a.m);
+  if (kp::simt_state_in_workspace(shp, smem_optin_limit())) {
+    if (!workspace || kp::simt_workspace(shp) == 0) return cudaErrorInvalidValue;
+    sa.simt_state = static_cast<float*>(workspace);
+    smem = kp::simt_smem_fixed(a.d);
+  }
   cudaError_t err = allow_smem(simt_linear_kernel<T>, smem);
   if (err != cudaSuccess) return err;
-  simt_linear_kernel<T><<<dim3(ceil_div(a.dv, 32), a.heads, a.batch), 256, smem, stream>>>(a);
+  simt_linear_kernel<T><<<static_cast<unsigned>(kp::simt_blocks(shp)), 256, smem, stream>>>(sa);
   return cudaGetLastError();
 }
 
@@ -895,11 +898,7 @@ cudaError_t run(const KernelizedAttentionParams& p, void* workspace, cudaStream_
 }  // namespace detail
 
 size_t kernelized_attention_workspace_size(const KernelizedAttentionParams& p) {
-  if (p.batch <= 0 || p.num_heads <= 0 || p.seq_len <= 0) return 0;
-  const detail::LinearArgs a = detail::make_args(p);
-  // only the tensor-core path uses scratch
-  if (!detail::dims_fit_tc(a.d, a.dv) || a.mp > detail::kMaxTcFeatures) return 0;
-  return detail::layout(a).total;
+  return plan::kernelized::workspace_size(p);
 }
 
 cudaError_t launch_kernelized_attention(const KernelizedAttentionParams& p, DataType dtype, void* workspace,
@@ -909,6 +908,7 @@ cudaError_t launch_kernelized_attention(const KernelizedAttentionParams& p, Data
       p.feature_map < 0 || p.feature_map > 2 || (favor && (p.num_features <= 0 || !p.projection)))
     return cudaErrorInvalidValue;
   if (p.seq_len == 0) return cudaSuccess;
+  if (plan::kernelized::launch_limit(p, detail::smem_optin_limit())) return cudaErrorInvalidConfiguration;
   return detail::dispatch_dtype(dtype, [&](auto t) { return detail::run<decltype(t)>(p, workspace, stream); });
 }
 

@@ -8,6 +8,7 @@
 // tap and input it reads from shared memory 8 times. fp32 accumulation for every dtype.
 // Direct O(N^2 C) work: the same as the reference's conv1d, without its padded copy.
 #include "common.cuh"
+#include "launch_plan.h"
 
 namespace attn_export {
 namespace detail {
@@ -20,11 +21,11 @@ constexpr int kConvTapPitch = kConvTaps + 2;       // odd pitch: lanes (channels
 template <typename T>
 __global__ void __launch_bounds__(256)
     long_conv_kernel(const T* u, const T* kernel, const T* skip, const T* kernel_rev, T* y, int n, int taps_len,
-                     int channels) {
+                     int channels, int batch0) {
   __shared__ float s_u[kConvIn][kConvChannels];
   __shared__ float s_w[kConvChannels][kConvTapPitch];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int t0 = blockIdx.x * kConvOut, c0 = blockIdx.y * kConvChannels, b = blockIdx.z;
+  const int t0 = blockIdx.x * kConvOut, c0 = blockIdx.y * kConvChannels, b = blockIdx.z + batch0;
   const int64_t batch_offset = static_cast<int64_t>(b) * n * channels;
   const int c = c0 + lane;
 
@@ -78,11 +79,17 @@ __global__ void __launch_bounds__(256)
 
 template <typename T>
 cudaError_t run(const LongConvolutionParams& p, cudaStream_t stream) {
-  const dim3 grid(ceil_div(p.seq_len, kConvOut), ceil_div(p.channels, kConvChannels), p.batch);
-  long_conv_kernel<T><<<grid, 256, 0, stream>>>(
-      static_cast<const T*>(p.input), static_cast<const T*>(p.kernel), static_cast<const T*>(p.skip),
-      static_cast<const T*>(p.kernel_reverse), static_cast<T*>(p.output), p.seq_len, p.kernel_len, p.channels);
-  return cudaGetLastError();
+  for (int64_t slice = 0; slice < plan::z_slices(p.batch); ++slice) {  // batch rows past 65535: more launches
+    const dim3 grid(ceil_div(p.seq_len, kConvOut), ceil_div(p.channels, kConvChannels),
+                    static_cast<unsigned>(plan::z_slice_count(p.batch, slice)));
+    long_conv_kernel<T><<<grid, 256, 0, stream>>>(
+        static_cast<const T*>(p.input), static_cast<const T*>(p.kernel), static_cast<const T*>(p.skip),
+        static_cast<const T*>(p.kernel_reverse), static_cast<T*>(p.output), p.seq_len, p.kernel_len, p.channels,
+        static_cast<int>(plan::z_slice_first(slice)));
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 }  // namespace

@@ -191,6 +191,17 @@ std::string shapeString(TensorShape const& shape) {
   return shape.rank ? out : "scalar";
 }
 
+bool acceptsType(OpSpec const& spec, int32_t pos, int32_t nbInputs, ElementType const* types) {
+  if (nbInputs < spec.nb_required_inputs || nbInputs > spec.nb_inputs || pos < 0 || pos > nbInputs) return false;
+  bool const isInput = pos < nbInputs;
+  if (isInput && spec.inputs[pos].kind == TensorKind::kInt32) return types[pos] == ElementType::kInt32;
+  if (pos == 0) {
+    return types[0] == ElementType::kFloat32 || types[0] == ElementType::kFloat16 ||
+           types[0] == ElementType::kBFloat16;
+  }
+  return types[pos] == types[0];
+}
+
 Status checkInputs(OpSpec const& spec, TensorShape const* inputs, int32_t nbInputs) {
   if (nbInputs < spec.nb_required_inputs || nbInputs > spec.nb_inputs) {
     std::string expected = std::to_string(spec.nb_required_inputs);

@@ -154,6 +154,18 @@ inline int32_t extent(int64_t dim) { return static_cast<int32_t>(dim); }
     if (!status_.ok()) return status_; \
   } while (0)
 
+// ------------------------------------------------------------------------------------------------------------
+// Formats
+
+// Element types as supportsFormatCombination sees them (mapped from nvinfer1::DataType in plugin_base.h, from the
+// graph's types by the pre-flight), so one rule serves TensorRT and `attn-export plugins check`.
+enum class ElementType : int32_t { kFloat32, kFloat16, kBFloat16, kInt32, kOther };
+
+// Whether tensor `pos` (inputs first, then the output) may have type types[pos], given types[0..pos-1] (TensorRT
+// asks position by position and a decision may only look at earlier ones). Formats other than linear are refused
+// by the caller. Integer tables are int32; the floating tensors share input 0's type, fp32, fp16 or bf16.
+bool acceptsType(OpSpec const& spec, int32_t pos, int32_t nbInputs, ElementType const* types);
+
 // The output dimensions from the contract's rule, for any dimension type: plain integers here, TensorRT's
 // IDimensionExpr in the plugin. `inputDim(i, d)` returns input i's dimension d, `constant(v)` a constant.
 template <typename Dim, typename InputDim, typename Constant>

@@ -13,7 +13,7 @@ namespace contracts {
 inline constexpr char kPluginNamespace[] = "attn_export";
 // Fingerprint of the tables below (attn_export.plugin_contracts.contracts_digest()), recorded by engine
 // manifests.
-#define ATTN_EXPORT_CONTRACTS_DIGEST "b136f04c3f8eb673"
+#define ATTN_EXPORT_CONTRACTS_DIGEST "3dbf0dafa1e8e222"
 inline constexpr char kContractsDigest[] = ATTN_EXPORT_CONTRACTS_DIGEST;
 
 // BlockSparseAttention v1: attn_export/ops/block_sparse_attention.py
@@ -91,8 +91,8 @@ inline constexpr DimSource kOutputDims[] = {{0, 0, 0}, {0, 1, 0}, {0, 2, 0}};
 inline constexpr OpSpec kSpec{kName, kVersion, kPluginNamespace, kFields, 7, kInputs, 6, 5, kOutputDims, 3};
 }  // namespace disentangled_attention
 
-// KernelizedAttention v1: attn_export/ops/linear_attention.py
-namespace linear_attention {
+// KernelizedAttention v1: attn_export/ops/kernelized_attention.py
+namespace kernelized_attention {
 inline constexpr char kName[] = "KernelizedAttention";
 inline constexpr char kVersion[] = "1";
 enum Field : int32_t { kNumHeads = 0, kFeatureMap = 1, kCausal = 2, kNormalize = 3, kScale = 4, kEps = 5 };
@@ -113,7 +113,7 @@ inline constexpr InputSpec kInputs[] = {
 };
 inline constexpr DimSource kOutputDims[] = {{0, 0, 0}, {0, 1, 0}, {2, 2, 0}};
 inline constexpr OpSpec kSpec{kName, kVersion, kPluginNamespace, kFields, 6, kInputs, 4, 3, kOutputDims, 3};
-}  // namespace linear_attention
+}  // namespace kernelized_attention
 
 // LongConvolution v1: attn_export/ops/long_convolution.py
 namespace long_convolution {

@@ -48,7 +48,7 @@ struct DenseAttentionOp {
 
 struct KernelizedAttentionOp {
   using Params = KernelizedAttentionParams;
-  static OpSpec const& spec() { return contracts::linear_attention::kSpec; }
+  static OpSpec const& spec() { return contracts::kernelized_attention::kSpec; }
   static Status checkFields(FieldValues const& fields);
   static Status makeParams(FieldValues const& fields, TensorShape const* inputs, int32_t nbInputs, Params& params);
   static void bind(Params& params, void const* const* inputs, int32_t nbInputs, void* output);

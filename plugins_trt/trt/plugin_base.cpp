@@ -85,6 +85,16 @@ TensorShape toShape(nvinfer1::Dims const& dims) noexcept {
   return shape;
 }
 
+ElementType toElementType(nvinfer1::DataType type) noexcept {
+  switch (type) {
+    case nvinfer1::DataType::kFLOAT: return ElementType::kFloat32;
+    case nvinfer1::DataType::kHALF: return ElementType::kFloat16;
+    case nvinfer1::DataType::kBF16: return ElementType::kBFloat16;
+    case nvinfer1::DataType::kINT32: return ElementType::kInt32;
+    default: return ElementType::kOther;
+  }
+}
+
 bool toKernelType(nvinfer1::DataType type, DataType& out) noexcept {
   switch (type) {
     case nvinfer1::DataType::kFLOAT: out = DataType::kFloat32; return true;

@@ -45,6 +45,8 @@ void toPluginFields(FieldValues const& values, std::vector<nvinfer1::PluginField
 
 TensorShape toShape(nvinfer1::Dims const& dims) noexcept;
 
+ElementType toElementType(nvinfer1::DataType type) noexcept;
+
 // fp32, fp16, bf16 -> the kernels' DataType; false for anything else.
 bool toKernelType(nvinfer1::DataType type, DataType& out) noexcept;
 
@@ -142,21 +144,12 @@ class AttnPlugin final : public nvinfer1::IPluginV3,
 
   bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
                                  int32_t nbOutputs) noexcept override {
-    OpSpec const& spec = Op::spec();
-    if (nbOutputs != 1 || nbInputs < spec.nb_required_inputs || nbInputs > spec.nb_inputs || pos < 0 ||
-        pos >= nbInputs + nbOutputs) {
-      return false;
-    }
-    nvinfer1::PluginTensorDesc const& desc = inOut[pos].desc;
-    if (desc.format != nvinfer1::TensorFormat::kLINEAR) return false;
-    bool const isInput = pos < nbInputs;
-    if (isInput && spec.inputs[pos].kind == TensorKind::kInt32) return desc.type == nvinfer1::DataType::kINT32;
-    // Input 0 is floating in every contract: it picks the type, every other floating tensor follows.
-    if (pos == 0) {
-      DataType kernelType;
-      return toKernelType(desc.type, kernelType);
-    }
-    return desc.type == inOut[0].desc.type;
+    if (nbOutputs != 1 || pos < 0 || pos >= nbInputs + nbOutputs || nbInputs > kMaxInputs) return false;
+    if (inOut[pos].desc.format != nvinfer1::TensorFormat::kLINEAR) return false;
+    // the rule itself is TensorRT-free (fields.h), so `attn-export plugins check` runs the same one
+    ElementType types[kMaxInputs + 1] = {};
+    for (int32_t i = 0; i <= pos; ++i) types[i] = toElementType(inOut[i].desc.type);
+    return acceptsType(Op::spec(), pos, nbInputs, types);
   }
 
   int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* /*in*/, int32_t nbInputs,

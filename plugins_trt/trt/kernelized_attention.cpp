@@ -1,13 +1,13 @@
-// KernelizedAttention (attn_export/ops/linear_attention.py): fields and input shapes -> kernel params.
+// KernelizedAttention (attn_export/ops/kernelized_attention.py): fields and input shapes -> kernel params.
 #include "ops.h"
 
 namespace attn_export {
 namespace trt_plugins {
 
-namespace c = contracts::linear_attention;
+namespace c = contracts::kernelized_attention;
 
 namespace {
-// The generated option order is the kernel's enum order (both follow linear_attention.FEATURE_MAPS).
+// The generated option order is the kernel's enum order (both follow kernelized_attention.FEATURE_MAPS).
 static_assert(static_cast<int32_t>(FeatureMap::kFavorPositive) == 0, "feature_map codes follow FEATURE_MAPS");
 bool isFavor(FieldValues const& f) { return f.getCode(c::kFeatureMap) == static_cast<int32_t>(FeatureMap::kFavorPositive); }
 }  // namespace

@@ -15,14 +15,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..ops import LINEAR_ATTENTION
+from ..ops import KERNELIZED_ATTENTION
 from .chunk_layout import ChunkLayout
 from .framework import (FamilyPass, register, GATHER_OPS, Match, NotFused, closed_region, constant, find_output, region, scalar_value,
                         untransposed, verify_numerically, walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
 
-OP = LINEAR_ATTENTION
+OP = KERNELIZED_ATTENTION
 EPS_CANDIDATES = (1e-6, 1e-4, 1e-3)
 
 
@@ -142,4 +142,4 @@ def _match_identity(index: GraphIndex, probe: Probe, product: StateProduct, name
     return Match(OP, name, inputs, op_output, attrs, nodes, new_inits, new_nodes)
 
 
-FAMILY = register(FamilyPass("linear_attention", 20, OP, candidates, match, anchor=lambda pair: pair[0]))
+FAMILY = register(FamilyPass("kernelized_attention", 20, OP, candidates, match, anchor=lambda pair: pair[0]))

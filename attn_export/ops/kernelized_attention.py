@@ -175,7 +175,8 @@ CONTRACT = OpContract(
     outputs=(TensorSpec("output", 3, FLOATS, "[B, N, H*Dv]"),),
     attributes=(
         Attribute("num_heads", "int", 1, "H: the last axis of query/key is H*D, of value H*Dv"),
-        Attribute("feature_map", "string", "favor_positive", "one of " + ", ".join(FEATURE_MAPS)),
+        Attribute("feature_map", "string", "favor_positive", "one of " + ", ".join(FEATURE_MAPS),
+                  options=FEATURE_MAPS),
         Attribute("causal", "int", 0, "1: token i sees keys j <= i"),
         Attribute("normalize", "int", 1, "1: divide by phi(q) . sum phi(k)"),
         Attribute("scale", "float", 0.0, "favor_positive softmax temperature; 0 means 1/sqrt(D)"),
