@@ -71,9 +71,12 @@ def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -
         k, transposed = untransposed(index, probe, chain.qk.input[1])
         if transposed:
             rank = len(probe.shape(k))
-            new_nodes.append(helper.make_node("Transpose", [k], [f"{name}/key{i}"], name=f"{name}/key{i}_transpose",
-                                              perm=[*range(rank - 2), rank - 1, rank - 2]))
-            keys.append(f"{name}/key{i}")
+            # named apart from the tensors concatenated_into_op makes ({name}/key{i}, {name}/key{i}_transpose)
+            key = f"{name}/untransposed_key{i}"
+            transpose = helper.make_node("Transpose", [k], [key], name=key, perm=[*range(rank - 2), rank - 1, rank - 2])
+            probe.evaluate([transpose], [key], index.model.opset_import)  # its shape is read below
+            new_nodes.append(transpose)
+            keys.append(key)
         else:
             keys.append(k)
         values.append(product.input[1])
