@@ -211,9 +211,10 @@ def dry_run(args, jobs: int) -> int:
         print(f"  zoo {name:<15} {shapes}"[:80])
     target = args.output or result_path("NVIDIA H200", datetime.date.today())
     shown = target.relative_to(ROOT) if target.is_relative_to(ROOT) else target
-    print(textwrap.fill(f"would write {shown} with device, torch, cuda, arch, elapsed_s, cuda_tests {{passed, "
-                        "failed, skipped}, kernels [{op, case, seq_len, dtype, ms, tflops, gbps, vs_reference, "
-                        "vs_sdpa}], zoo [{model, nodes, max_error_fp32, max_error_fp16}]", 80))
+    print(f"would write {shown}")  # whole, however long: a path broken over two lines cannot be copied
+    print(textwrap.fill("with device, torch, cuda, arch, elapsed_s, cuda_tests {passed, failed, skipped}, kernels "
+                        "[{op, case, seq_len, dtype, ms, tflops, gbps, vs_reference, vs_sdpa}], zoo [{model, nodes, "
+                        "max_error_fp32, max_error_fp16}]", 80))
     print("dry run: nothing was run on a GPU and nothing was written")
     return 0
 
@@ -253,7 +254,8 @@ def main(argv=None) -> int:
               "cuda_test_details": {k: v for k, v in tests.items() if k not in ("passed", "failed", "skipped")},
               "kernels": kernels if isinstance(kernels, list) else [], "kernels_error": None
               if isinstance(kernels, list) else kernels.get("error"),
-              "zoo": zoo if isinstance(zoo, list) else [], "zoo_error": None if isinstance(zoo, list) else zoo.get("error")}
+              "zoo": zoo if isinstance(zoo, list) else [],
+              "zoo_error": None if isinstance(zoo, list) else zoo.get("error")}
     path = args.output or result_path(device, datetime.date.today())
     path.parent.mkdir(parents=True, exist_ok=True)
     from attn_export.atomic import write_json

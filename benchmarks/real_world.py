@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -80,8 +79,8 @@ def build(name: str, layers: int):
     if name == "vit":
         config = hf.ViTConfig(hidden_size=192, num_hidden_layers=layers, num_attention_heads=3,
                               intermediate_size=768, image_size=224, patch_size=16)
-        return FirstOutput(hf.ViTModel(config, add_pooling_layer=False)), {"pixel_values": torch.randn(1, 3, 224, 224)}, \
-            None, "dynamo"
+        pixels = {"pixel_values": torch.randn(1, 3, 224, 224)}
+        return FirstOutput(hf.ViTModel(config, add_pooling_layer=False)), pixels, None, "dynamo"
     if name == "gau":
         from flash_pytorch import GAU
 

@@ -10,8 +10,8 @@ Q_r = query_proj(P). The row each pair reads:
             = sign(r) (mid + ceil(log(|r| / mid) / log((L - 1) / mid) (mid - 1)))   otherwise
 with L = max_relative_positions, exactly as transformers' DeBERTa-v2 make_log_bucket_position computes it: r is not
 clamped first (a distance past L - 1 gets a bucket past m - 1, and the clamp of delta reads the last row), and the
-arithmetic is float32 as there (the log correctly rounded). p2c follows the official code's index convention: key j meets Q_r at delta(i, j),
-the same row as c2p (the paper writes delta(j, i)), which keeps weights compatible.
+arithmetic is float32 as there (the log correctly rounded). p2c follows the official code's index convention: key j
+meets Q_r at delta(i, j), the same row as c2p (the paper writes delta(j, i)), which keeps weights compatible.
 c2p and p2c are products against all 2k rows, gathered along the last axis. delta depends only on N, so it is a
 [max_seq_len, max_seq_len] buffer computed once and sliced to N: the sequence axis stays dynamic.
 Encoder: word embedding + LayerNorm with no absolute position embedding (position_biased_input = false), post-LN

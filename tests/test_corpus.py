@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,7 +112,7 @@ def build_args(checkpoint, out):
     return ["build", checkpoint, "-o", out, "--exporter", "torchscript", "--no-engine"]
 
 
-FINAL_NAMES = ("model.onnx", "model.fused.onnx", "report.json")
+FINAL_NAMES = ("model.onnx", "model.fused.onnx", "model.fused.portable.onnx", "parity.npz", "report.json")
 
 
 def assert_complete(out: Path) -> list[str]:
@@ -124,6 +125,9 @@ def assert_complete(out: Path) -> list[str]:
         assert path.name in FINAL_NAMES, path.name
         if path.suffix == ".onnx":
             load_onnx(path)
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                assert data.files
         else:
             json.loads(path.read_text())
         finals.append(path.name)

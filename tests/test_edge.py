@@ -99,7 +99,7 @@ def test_engine_build_uses_one_profile_over_the_parity_shapes_and_compares(bigbi
     result = edge.build_and_check(out, engine_path=tmp_path / "model.plan", precision="fp32",
                                   runner_factory=lambda path, library: EchoEngine(parity, error))
     lengths = sorted(s[1]["input_ids"].shape[1] for s in parity)
-    [(lo, opt, hi)] = [built["profiles"][0]["input_ids"]]
+    [(lo, _opt, hi)] = [built["profiles"][0]["input_ids"]]
     assert built["onnx"].name == "model.fused.onnx" and lo[1] == lengths[0] and hi[1] == lengths[-1]
     assert result.passed is passed and len(result.checks) == len(parity)
     assert json.loads((out / edge.EDGE_REPORT).read_text())["passed"] is passed

@@ -2,7 +2,6 @@
 names the file, and nothing in a hostile file gets to run (the .pt2 security checks: test_pt2_vetting.py)."""
 import dataclasses
 import io
-import json
 import pickle
 import zipfile
 from dataclasses import dataclass

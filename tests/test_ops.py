@@ -72,7 +72,7 @@ def test_block_sparse_repeats_and_key_bias_decomposition(heads, block, nb, slots
 def test_block_sparse_count_repeats_weighs_a_block_per_listing():
     """A block listed r times weighs r times: the reference equals an explicit multiplicity-weighted softmax, with
     the key bias inside; count_repeats=0 keeps the union (the same as listing each block once)."""
-    heads, d, b, nb = 1, 8, 4, 4
+    d, b, nb = 8, 4, 4
     q, k, v = (torch.randn(1, nb * b, d) for _ in range(3))
     key_bias = torch.randn(1, nb * b)
     table = torch.tensor([[[0, 0, 0, 2], [1, 0, 0, -1], [2, 3, 2, 0], [3, 3, -1, -1]]])

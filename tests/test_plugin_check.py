@@ -67,7 +67,7 @@ def test_broken_node_is_refused_with_exit_1(capsys, tmp_path, attrs, edit, messa
     assert [r.accepted for r in results] == [False]
     code, out, _ = run(capsys, "plugins", "check", _save(tmp_path, model))
     assert code == 1
-    assert f"refused layer0 (DenseAttention): " in out and message.split(": ")[-1] in out, out
+    assert "refused layer0 (DenseAttention): " in out and message.split(": ")[-1] in out, out
     assert "0 of 1 plugin nodes accepted" in out
 
 

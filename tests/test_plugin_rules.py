@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TRT_DIR = ROOT / "plugins_trt" / "trt"
 KERNELS_DIR = ROOT / "plugins_trt" / "kernels"
 RULE_SOURCES = ["tests/rules_harness.cpp", "fields.cpp", "block_sparse_attention.cpp", "dense_attention.cpp",
-                "kernelized_attention.cpp", "disentangled_attention.cpp", "mixture_of_experts.cpp", "long_convolution.cpp"]
+                "kernelized_attention.cpp", "disentangled_attention.cpp", "mixture_of_experts.cpp",
+                "long_convolution.cpp"]
 
 
 def cxx() -> str | None:

@@ -14,6 +14,8 @@ from attn_export.passes.probe import padding_mask
 from test_cli import run
 
 transformers = pytest.importorskip("transformers")
+# every fully fused real-world graph must also pass the plugins' own C++ rules at fp32 and fp16
+pytestmark = pytest.mark.usefixtures("plugins_accept_fused_graphs")
 
 
 class EinsumAttention(torch.nn.Module):

@@ -46,7 +46,8 @@ def test_create_and_strict_build_fuse_everything_and_pass_parity(capsys, tmp_pat
     assert report["fusion"]["layers"] and all(row["status"] == "fused" for row in report["fusion"]["layers"])
     rows = report["parity"]
     entry, config = small_config(name)
-    assert len({r["inputs"] for r in rows}) == len(entry.parity_seq_lens(config))
+    # every parity length (a fixed-length graph is checked at two batch sizes of its one length instead)
+    assert {r["inputs"].split()[0] for r in rows} == {f"seq_len={n}" for n in entry.parity_seq_lens(config)}
     assert {r["graph"] for r in rows} == {"model.onnx", "model.fused.onnx"}
     assert all(r["passed"] for r in rows), [r for r in rows if not r["passed"]]
     # the plugin library's own rules accept every fused node at fp32 and fp16 (attn-export plugins check)

@@ -8,8 +8,9 @@ import onnx
 from onnx import helper
 
 from ..ops import BLOCK_SPARSE_ATTENTION
-from .framework import (FamilyPass, register, GATHER_OPS, Match, NotFused, closed_region, constant, find_output, has_dynamic_shapes, region,
-                        run_subgraph, static_tensor_matching, verify_numerically, walk_to_boundary)
+from .framework import (GATHER_OPS, FamilyPass, Match, NotFused, closed_region, constant, find_output,
+                        has_dynamic_shapes, region, register, run_subgraph, static_tensor_matching, verify_numerically,
+                        walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
 from .softmax_core import SoftmaxCore, find_core, softmax_nodes

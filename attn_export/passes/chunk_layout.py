@@ -161,11 +161,11 @@ class ChunkLayout:
             helper.make_node("Transpose", [tensor], [f"{name}/bias_t"], perm=perm, name=f"{name}/bias_transpose"),
             helper.make_node("Shape", [f"{name}/bias_t"], [f"{name}/bias_rows_keys"], start=-2,
                              name=f"{name}/bias_rows_keys"),
-            helper.make_node("Concat", [f"{name}/bias_lead", f"{name}/bias_rows_keys"], [f"{name}/bias_shape"],
+            helper.make_node("Concat", [f"{name}/bias_batch_heads", f"{name}/bias_rows_keys"], [f"{name}/bias_shape"],
                              axis=0, name=f"{name}/bias_shape"),
             helper.make_node("Reshape", [f"{name}/bias_t", f"{name}/bias_shape"], [f"{name}/bias_op"],
                              name=f"{name}/bias_merge")]
-        inits = inits + [constant(f"{name}/bias_lead", np.array([-1, head_size], np.int64))]
+        inits = inits + [constant(f"{name}/bias_batch_heads", np.array([-1, head_size], np.int64))]
 
         def value(run):
             v = values[run]

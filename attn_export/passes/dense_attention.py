@@ -20,8 +20,9 @@ from onnx import helper
 from ..ops import BLOCK_SPARSE_ATTENTION, DENSE_ATTENTION
 from . import concatenated_keys
 from .chunk_layout import ChunkLayout
-from .framework import (FamilyPass, register, Match, NotFused, check_no_escape, closed_region, constant, escaping_tensor, has_dynamic_shapes,
-                        keep_shared_layouts, region, untransposed, verify_numerically, walk_to_boundary)
+from .framework import (FamilyPass, Match, NotFused, check_no_escape, closed_region, constant, escaping_tensor,
+                        has_dynamic_shapes, keep_shared_layouts, region, register, untransposed, verify_numerically,
+                        walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
 from .score_chain import ScoreChain, chain_bias, is_qk_product, score_chain

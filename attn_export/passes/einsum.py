@@ -94,7 +94,8 @@ class _Builder:
         return self._node(op, inputs, output, **attrs).output[0]
 
     def const(self, values: list[int]) -> str:
-        return self._node("Constant", [], None, value=onnx.numpy_helper.from_array(np.array(values, np.int64))).output[0]
+        axes = onnx.numpy_helper.from_array(np.array(values, np.int64))
+        return self._node("Constant", [], None, value=axes).output[0]
 
     def arrange(self, tensor: str, have: str, want: str) -> str:
         """`tensor` with subscripts `have` laid out as `want` (a superset of `have`: missing ones become size 1)."""

@@ -17,8 +17,8 @@ import numpy as np
 
 from ..ops import KERNELIZED_ATTENTION
 from .chunk_layout import ChunkLayout
-from .framework import (FamilyPass, register, GATHER_OPS, Match, NotFused, closed_region, constant, find_output, region, scalar_value,
-                        untransposed, verify_numerically, walk_to_boundary)
+from .framework import (GATHER_OPS, FamilyPass, Match, NotFused, closed_region, constant, find_output, region,
+                        register, scalar_value, untransposed, verify_numerically, walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
 

@@ -15,7 +15,8 @@ import torch
 from onnx import helper
 
 from ..ops import LONG_CONVOLUTION
-from .framework import FamilyPass, register, Match, NotFused, closed_region, constant, find_output, verify_numerically, walk_to_boundary
+from .framework import (FamilyPass, Match, NotFused, closed_region, constant, find_output, register,
+                        verify_numerically, walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
 

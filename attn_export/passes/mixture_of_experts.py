@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 
 from ..ops import MIXTURE_OF_EXPERTS
-from .framework import (FamilyPass, register, Match, NotFused, closed_region, find_output, has_dynamic_shapes, verify_numerically,
-                        walk_to_boundary)
+from .framework import (FamilyPass, Match, NotFused, closed_region, find_output, has_dynamic_shapes, register,
+                        verify_numerically, walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
 from .softmax_core import softmax_nodes

@@ -86,8 +86,9 @@ cudaError_t attend(const DisentangledAttentionParams& p, const Workspace& ws, cu
   if constexpr (sizeof(T) == 2) {
     if (tc_attention_applies<T>(pr)) {
       switch (d) {
-        // with a bias, 32-key tiles at D=32 and 64: the bias gather's registers spill at 64 on sm_80
-        case 32: return launch_tc_attention<T, 32, 4, BIAS ? 32 : 64>(pr, pol, p.batch, 0, stream);
+        // with a bias, 32-key tiles at D=64 (the bias gather's registers spill at 64 on sm_80); at D=32 the
+        // 32-key tile spills on sm_87 once the batch is sliced, the 64-key one does not
+        case 32: return launch_tc_attention<T, 32, 4, 64>(pr, pol, p.batch, 0, stream);
         case 64: return launch_tc_attention<T, 64, 4, BIAS ? 32 : 64>(pr, pol, p.batch, 0, stream);
         case 128: return launch_tc_attention<T, 128, 4, 32>(pr, pol, p.batch, 0, stream);
       }
