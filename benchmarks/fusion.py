@@ -48,19 +48,24 @@ def bench_model(name: str, layers: int | None, iters: int) -> dict:
     inputs = entry.example_inputs(config, 1, seq_len)
     probe = probe if len(probe) > 1 else probe * 2  # a fixed-length model is probed twice at its one length
     reference = export_onnx(module, inputs, dynamic_axes=entry.dynamic_axes, probe_shapes=probe)
+    timed, report = fuse_and_time(reference, {k: v.numpy() for k, v in inputs.items()}, iters)
+    return {"model": name, "layers": config.num_layers, "seq_len": seq_len, "fused_layers": report.fused,
+            "attention_layers": report.attention_layers, **timed}
+
+
+def fuse_and_time(reference, feeds: dict, iters: int):
+    """Fuse `reference` (timed), then the best of three interleaved median latencies of both graphs (drift in
+    machine load hits both alike). Returns ({fuse_seconds, reference_ms, fused_ms, ratio}, the fusion report)."""
     start = time.perf_counter()
     fused, report = api.fuse(reference)
     fuse_s = time.perf_counter() - start
-    feeds = {k: v.numpy() for k, v in inputs.items()}
     runners = [OnnxRuntimeRunner(reference, "model.onnx"), OnnxRuntimeRunner(fused, "model.fused.onnx")]
     ref_ms, fused_ms = [], []
-    for _ in range(3):  # interleaved rounds so drift in machine load hits both graphs alike
+    for _ in range(3):
         ref_ms.append(median_ms(runners[0], feeds, iters))
         fused_ms.append(median_ms(runners[1], feeds, iters))
     ref, fus = min(ref_ms), min(fused_ms)
-    return {"model": name, "layers": config.num_layers, "seq_len": seq_len, "fused_layers": report.fused,
-            "attention_layers": report.attention_layers, "fuse_seconds": fuse_s, "reference_ms": ref,
-            "fused_ms": fus, "ratio": fus / ref}
+    return {"fuse_seconds": fuse_s, "reference_ms": ref, "fused_ms": fus, "ratio": fus / ref}, report
 
 
 def main() -> None:

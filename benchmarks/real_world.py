@@ -13,29 +13,31 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attn_export import api  # noqa: E402
-from attn_export.backends import OnnxRuntimeRunner  # noqa: E402
 from attn_export.export import export_onnx  # noqa: E402
 from attn_export.passes.probe import padding_mask  # noqa: E402
-from fusion import median_ms  # noqa: E402  (benchmarks/fusion.py: the same timing for zoo and real-world graphs)
+from fusion import fuse_and_time  # noqa: E402  (benchmarks/fusion.py: the same timing for zoo and real-world graphs)
 
 
 class FirstOutput(torch.nn.Module):
-    """transformers returns a ModelOutput; the exporters want tensors."""
+    """transformers returns a ModelOutput; the exporters want tensors (and named inputs, for dynamic shapes)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, *args):
-        return self.model(*args, return_dict=False)[0]
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
+
+
+class FirstImageOutput(FirstOutput):
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values, return_dict=False)[0]
 
 
 class PackedEinsumAttention(torch.nn.Module):
@@ -69,7 +71,8 @@ def build(name: str, layers: int):
     text = dict(hidden_size=256, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=1024,
                 vocab_size=1000)
     if name in ("bert", "roberta"):
-        config = (hf.BertConfig if name == "bert" else hf.RobertaConfig)(**text)
+        # RoBERTa's positions start after its padding index, so 512 tokens need 514 positions (as roberta-base)
+        config = hf.BertConfig(**text) if name == "bert" else hf.RobertaConfig(**text, max_position_embeddings=514)
         model = (hf.BertModel if name == "bert" else hf.RobertaModel)(config, add_pooling_layer=False)
         return FirstOutput(model), _tokens(512), (256, 512), "dynamo"
     if name == "bigbird":
@@ -80,7 +83,7 @@ def build(name: str, layers: int):
         config = hf.ViTConfig(hidden_size=192, num_hidden_layers=layers, num_attention_heads=3,
                               intermediate_size=768, image_size=224, patch_size=16)
         pixels = {"pixel_values": torch.randn(1, 3, 224, 224)}
-        return FirstOutput(hf.ViTModel(config, add_pooling_layer=False)), pixels, None, "dynamo"
+        return FirstImageOutput(hf.ViTModel(config, add_pooling_layer=False)), pixels, None, "dynamo"
     if name == "gau":
         from flash_pytorch import GAU
 
@@ -104,19 +107,10 @@ def bench(name: str, layers: int, iters: int) -> dict:
     else:
         dynamic, probe = None, [{k: list(v.shape) for k, v in inputs.items()}] * 2
     reference = export_onnx(module.eval(), inputs, dynamic_axes=dynamic, exporter=exporter, probe_shapes=probe)
-    start = time.perf_counter()
-    fused, report = api.fuse(reference)
-    fuse_s = time.perf_counter() - start
-    feeds = {k: v.numpy() for k, v in inputs.items()}
-    runners = [OnnxRuntimeRunner(reference, "model.onnx"), OnnxRuntimeRunner(fused, "model.fused.onnx")]
-    ref_ms, fused_ms = [], []
-    for _ in range(3):  # interleaved rounds so drift in machine load hits both graphs alike
-        ref_ms.append(median_ms(runners[0], feeds, iters))
-        fused_ms.append(median_ms(runners[1], feeds, iters))
+    timed, report = fuse_and_time(reference, {k: v.numpy() for k, v in inputs.items()}, iters)
     ops = sorted({layer.op for layer in report.layers if layer.status == "fused"})
     return {"model": name, "layers": layers, "exporter": exporter, "fused_layers": report.fused,
-            "attention_layers": report.attention_layers, "ops": ops, "fuse_seconds": fuse_s,
-            "reference_ms": min(ref_ms), "fused_ms": min(fused_ms), "ratio": min(fused_ms) / min(ref_ms),
+            "attention_layers": report.attention_layers, "ops": ops, **timed,
             "not_fused": sorted({layer.reason for layer in report.layers if layer.status != "fused"})}
 
 
