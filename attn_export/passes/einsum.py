@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .graph import GraphIndex
+from .framework import run_nodes
 from .probe import Probe
 
 
@@ -21,17 +21,14 @@ class _Unsupported(Exception):
 
 def normalize_einsums(model: onnx.ModelProto, probe: Probe) -> int:
     """Rewrites the Einsums of `model` in place; returns how many were rewritten. `probe` learns the new tensors."""
-    from .framework import run_nodes
-
-    index = GraphIndex(model)
     rewritten, new_nodes = 0, []
     for node in list(model.graph.node):
         replacement = None
         if node.op_type == "Einsum":
             try:
-                replacement = _rewrite(node, index, probe)
+                replacement = _rewrite(node, probe)
             except _Unsupported:
-                replacement = None
+                pass
         if replacement and all(_same(run_nodes(replacement, node.output[0], values, model.opset_import),
                                      values[node.output[0]]) for values in probe.runs):
             new_nodes.extend(replacement)
@@ -118,7 +115,7 @@ class _Builder:
         return tensor, "".join(c for c in have if c not in drop)
 
 
-def _rewrite(node: onnx.NodeProto, index: GraphIndex, probe: Probe) -> list[onnx.NodeProto]:
+def _rewrite(node: onnx.NodeProto, probe: Probe) -> list[onnx.NodeProto]:
     equation = next(a.s.decode() for a in node.attribute if a.name == "equation")
     shapes = [probe.shape(i) for i in node.input]
     if any(s is None for s in shapes) or len(node.input) < 2:

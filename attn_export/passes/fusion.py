@@ -12,6 +12,7 @@ from .einsum import normalize_einsums
 from .framework import FAMILY_PASSES, NotFused, replace_all
 from .fusion_report import FusionReport, LayerResult, layer_name
 from .graph import GraphIndex, remove_dead_nodes, topological_sort
+from .long_convolution import LONG_TAPS
 from .probe import Probe
 from .softmax_core import NO_SCORE_PRODUCT, NO_VALUE_PRODUCT, find_core, softmax_nodes, value_product
 
@@ -81,8 +82,6 @@ def _report_leftovers(index: GraphIndex, probe: Probe, claimed: set[int], report
     """The safety net for attention however it is spelled, and for mechanisms without a softmax (FLASH's relu^2,
     linear attention, MoE dispatch, S4): a product of two data tensors, a softmax written as exp / sum, or a
     convolution with a long kernel that no pass claimed is reported per layer, so `--strict` cannot pass over it."""
-    from .long_convolution import LONG_TAPS
-
     reported = set()
     explained = set(claimed) | _softmax_products(index)  # already reported with their softmax
     for node in index.nodes:
