@@ -25,6 +25,16 @@ def run_single_op(contract, attrs, arrays):
     return session.run(None, dict(zip(names, arrays)))[0]
 
 
+def run_cli(capsys, *args):
+    """Run the CLI in-process: (exit code, stdout, stderr)."""
+    from attn_export.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(map(str, args)))
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
 def small_config(name):
     """The entry and its small config (quick on CPU, more than one layer and head)."""
     import models

@@ -3,9 +3,7 @@ import json
 
 import pytest
 
-from attn_export.cli import main
-from conftest import small_config
-
+from conftest import small_config, run_cli as run
 
 
 def small_args(name):
@@ -13,13 +11,6 @@ def small_args(name):
     entry, config = small_config(name)
     sets = [arg for key, value in entry.small.items() for arg in ("--set", f"{key}={value}")]
     return sets + ["--seq-len", str(entry.parity_seq_lens(config)[0])]
-
-
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(map(str, args)))
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def test_zoo_list_shows_both_models(capsys):

@@ -14,20 +14,12 @@ import pytest
 import torch
 
 from attn_export.backends import tensorrt_runner
-from attn_export.cli import main
 from attn_export.export import load_onnx
 from attn_export.loading import save_zoo_checkpoint
-from conftest import small_config
+from conftest import small_config, run_cli as run
 from corpus.cases import CHECKPOINTS, GRAPHS, tiny_graph
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

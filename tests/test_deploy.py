@@ -9,16 +9,9 @@ import pytest
 pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs tritonclient (the serve extra)")
 
 from attn_export.backends.engine_manifest import FORMAT  # noqa: E402
-from attn_export.cli import main  # noqa: E402
 from attn_export.deploy import triton_config  # noqa: E402
 from attn_export.deploy.repository import deploy  # noqa: E402
-
-
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(map(str, args)))
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+from conftest import run_cli as run  # noqa: E402
 
 
 def specs_of(path):

@@ -6,21 +6,14 @@ import shutil
 import pytest
 import torch
 
-from attn_export.cli import main
 from pt2_programs import WritesMarker
+from conftest import run_cli as run
 
 transformers = pytest.importorskip("transformers")
 
 # tiny and random-initialised: hidden 32, 2 layers, 2 heads (seconds per build)
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
             max_position_embeddings=128)
-
-
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(map(str, args)))
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def save(model, folder):

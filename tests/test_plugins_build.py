@@ -10,8 +10,8 @@ import textwrap
 import pytest
 
 from attn_export import plugins_build
-from attn_export.cli import main
 from attn_export.errors import UserError
+from conftest import run_cli as run
 
 FAKE_CMAKE = textwrap.dedent("""\
     #!{python}
@@ -149,13 +149,6 @@ def test_missing_cmake_and_bad_root(tmp_path, monkeypatch):
     (tmp_path / "root").mkdir()
     with pytest.raises(UserError, match="no include/NvInfer.h there"):
         plugins_build.check_tensorrt_root(tmp_path / "root")
-
-
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(map(str, args)))
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def test_cli_prints_the_library_path(fake_cmake, tmp_path, capsys):

@@ -6,14 +6,7 @@ import sys
 import pytest
 
 from attn_export.cli import main
-from conftest import small_config
-
-
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(map(str, args)))
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+from conftest import small_config, run_cli as run
 
 
 @pytest.fixture(scope="module")

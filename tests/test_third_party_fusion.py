@@ -11,7 +11,7 @@ from attn_export import api
 from attn_export.backends import OnnxRuntimeRunner
 from attn_export.export import export_onnx
 from attn_export.passes.probe import padding_mask
-from test_cli import run
+from conftest import run_cli as run
 
 transformers = pytest.importorskip("transformers")
 # every fully fused real-world graph must also pass the plugins' own C++ rules at fp32 and fp16
