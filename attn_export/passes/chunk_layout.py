@@ -10,9 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import helper
-
-from .framework import NotFused, constant, unsqueeze_to_rank
+from .framework import NotFused, Rewrite, unsqueeze_to_rank
 from .probe import Probe
 
 
@@ -39,21 +37,21 @@ class ChunkLayout:
             return ChunkLayout(5, (0, 2), 1, shapes[0][1])
         raise NotFused(f"per-head tensor {shapes[0]} is neither [B, H, N, D] nor chunked [B, H, G, C, D]")
 
-    def _batch_sizes(self, like: str, out: str) -> tuple[list, list]:
-        """Nodes making `out`, the sizes of `like`'s batch axes (1-D int64), and their constant."""
-        nodes = [helper.make_node("Shape", [like], [f"{out}_of"], name=f"{out}_of"),
-                 helper.make_node("Gather", [f"{out}_of", f"{out}_axes"], [out], axis=0, name=out)]
-        return nodes, [constant(f"{out}_axes", np.array(self.batch, np.int64))]
+    def _batch_sizes(self, like: str, out: str, rewrite: Rewrite) -> str:
+        """`out`: the sizes of `like`'s batch axes (1-D int64)."""
+        axes = rewrite.constant(f"{out}_axes", np.array(self.batch, np.int64))
+        shape = rewrite.node("Shape", [like], f"{out}_of", name=f"{out}_of")
+        return rewrite.node("Gather", [shape, axes], out, name=out, axis=0)
 
     def _perm(self, rows: int, features: int) -> list[int]:
         return [*self.batch, rows, *([self.head] if self.head is not None else []), features]
 
-    def into_op(self, probe: Probe, tensor: str, name: str, transposed: bool = False):
-        """Nodes taking `tensor` ([..., rows, D], or [..., D, rows] when `transposed`) to [B', rows, H*D].
-        Returns (op input name, value per run, new nodes, new initializers)."""
+    def into_op(self, probe: Probe, tensor: str, name: str, rewrite: Rewrite, transposed: bool = False):
+        """`tensor` ([..., rows, D], or [..., D, rows] when `transposed`) as [B', rows, H*D].
+        Returns (op input name, value per run)."""
         rows, features = (self.rank - 1, self.rank - 2) if transposed else (self.rank - 2, self.rank - 1)
         if self.rank == 3 and not transposed:  # [B, N, D] is already the op's layout
-            return tensor, tensor, [], []
+            return tensor, tensor
         shape = probe.shape(tensor)
         if self.head is not None and shape[self.head] != self.heads:
             raise NotFused(f"{name.rsplit('/', 1)[-1]} {shape} has {shape[self.head]} heads, the query {self.heads}")
@@ -62,33 +60,32 @@ class ChunkLayout:
             raise NotFused(f"chunk length of {tensor} changes with the input ({sorted(n_rows)})")
         perm = self._perm(rows, features)
         target = np.array([-1, n_rows.pop(), self.heads * shape[features]], np.int64)
-        nodes = [helper.make_node("Transpose", [tensor], [f"{name}_t"], perm=perm, name=f"{name}_transpose"),
-                 helper.make_node("Reshape", [f"{name}_t", f"{name}_shape"], [name], name=f"{name}_merge")]
+        moved = rewrite.node("Transpose", [tensor], f"{name}_t", name=f"{name}_transpose", perm=perm)
+        rewrite.node("Reshape", [moved, rewrite.constant(f"{name}_shape", target)], name, name=f"{name}_merge")
 
         def value(run):
             return probe.runs[run][tensor].transpose(perm).reshape(target)
-        return name, value, nodes, [constant(f"{name}_shape", target)]
+        return name, value
 
-    def qkv_into_op(self, probe: Probe, q: str, k: str, v: str, output: str, name: str, k_transposed: bool = False):
+    def qkv_into_op(self, probe: Probe, q: str, k: str, v: str, output: str, name: str, rewrite: Rewrite,
+                    k_transposed: bool = False):
         """q, k, v into the op, and the op's output back to the graph's per-head `output`.
-        Returns (op inputs, their values per run, op output, expected op output per run, new nodes, new inits)."""
-        layouts = [self.into_op(probe, q, f"{name}/query"),
-                   self.into_op(probe, k, f"{name}/key", transposed=k_transposed),
-                   self.into_op(probe, v, f"{name}/value")]
+        Returns (op inputs, their values per run, op output, expected op output per run)."""
+        layouts = [self.into_op(probe, q, f"{name}/query", rewrite),
+                   self.into_op(probe, k, f"{name}/key", rewrite, transposed=k_transposed),
+                   self.into_op(probe, v, f"{name}/value", rewrite)]
         op_output = f"{name}/output"
-        expected, nodes, inits = self.out_of_op(probe, op_output, output, like=q, name=name)
-        for _, _, more_nodes, more_inits in layouts:
-            nodes, inits = more_nodes + nodes, more_inits + inits
-        return [t[0] for t in layouts], [t[1] for t in layouts], op_output, expected, nodes, inits
+        expected = self.out_of_op(probe, op_output, output, like=q, name=name, rewrite=rewrite)
+        return [t[0] for t in layouts], [t[1] for t in layouts], op_output, expected
 
-    def concatenated_into_op(self, probe: Probe, parts: list[str], like: str, name: str):
+    def concatenated_into_op(self, probe: Probe, parts: list[str], like: str, name: str, rewrite: Rewrite):
         """Per-head [.., rows_i, D] tensors joined on the row axis, straight into the op's [B', sum rows_i, H*D]: each
         part is transposed first and expanded to the batch axes of `like` (a set shared by every chunk has 1 there),
-        so the joined tensor is written once, already in the op's layout.
-        Returns (op input name, value per run, new nodes, new initializers)."""
+        so the joined tensor is written once, already in the op's layout. Returns (op input name, its name again:
+        the caller evaluates the rewrite to read its value)."""
         rows, features = self.rank - 2, self.rank - 1
         perm = self._perm(rows, features)
-        nodes, inits = self._batch_sizes(like, f"{name}_batch")
+        batch = self._batch_sizes(like, f"{name}_batch", rewrite)
         joined, total_rows = [], 0
         for i, part in enumerate(parts):
             shape = probe.shape(part)
@@ -96,76 +93,64 @@ class ChunkLayout:
                 raise NotFused(f"{part} {shape} has {shape[self.head]} heads, the query {self.heads}")
             tail = [shape[rows], *([self.heads] if self.head is not None else []), shape[features]]
             total_rows += shape[rows]
-            nodes += [helper.make_node("Transpose", [part], [f"{name}{i}_t"], perm=perm, name=f"{name}{i}_transpose"),
-                      helper.make_node("Concat", [f"{name}_batch", f"{name}{i}_tail"], [f"{name}{i}_target"], axis=0,
-                                       name=f"{name}{i}_target"),
-                      helper.make_node("Expand", [f"{name}{i}_t", f"{name}{i}_target"], [f"{name}{i}"],
-                                       name=f"{name}{i}_expand")]
-            inits.append(constant(f"{name}{i}_tail", np.array(tail, np.int64)))
-            joined.append(f"{name}{i}")
+            moved = rewrite.node("Transpose", [part], f"{name}{i}_t", name=f"{name}{i}_transpose", perm=perm)
+            target = rewrite.node("Concat", [batch, rewrite.constant(f"{name}{i}_tail", np.array(tail, np.int64))],
+                                  f"{name}{i}_target", name=f"{name}{i}_target", axis=0)
+            joined.append(rewrite.node("Expand", [moved, target], f"{name}{i}", name=f"{name}{i}_expand"))
         width = self.heads * probe.shape(parts[0])[features]
-        nodes += [helper.make_node("Concat", joined, [f"{name}_joined"], axis=len(self.batch), name=f"{name}_concat"),
-                  helper.make_node("Reshape", [f"{name}_joined", f"{name}_shape"], [name], name=f"{name}_merge")]
-        inits.append(constant(f"{name}_shape", np.array([-1, total_rows, width], np.int64)))
-        return name, name, nodes, inits
+        rewrite.node("Concat", joined, f"{name}_joined", name=f"{name}_concat", axis=len(self.batch))
+        rewrite.node("Reshape", [f"{name}_joined", rewrite.constant(f"{name}_shape", np.array(
+            [-1, total_rows, width], np.int64))], name, name=f"{name}_merge")
+        return name, name
 
-    def out_of_op(self, probe: Probe, op_output: str, per_head_output: str, like: str, name: str):
+    def out_of_op(self, probe: Probe, op_output: str, per_head_output: str, like: str, name: str, rewrite: Rewrite):
         """Nodes taking the op's [B', rows, H*Dv] back to the graph's per-head `per_head_output`; the batch axes'
         sizes are read from `like`, a per-head tensor of the same chunking that stays in the graph.
-        Returns (expected op output per run, new nodes, new initializers)."""
+        Returns the expected op output (name, or value per run)."""
         out_shape = probe.shape(per_head_output)
         rows, features = self.rank - 2, self.rank - 1
         if self.rank == 3:
-            return per_head_output, [helper.make_node("Identity", [op_output], [per_head_output],
-                                                      name=f"{name}/output")], []
+            rewrite.node("Identity", [op_output], per_head_output, name=f"{name}/output")
+            return per_head_output
         perm = self._perm(rows, features)
         tail = [out_shape[rows], *([self.heads] if self.head is not None else []), out_shape[features]]
-        nodes, inits = self._batch_sizes(like, f"{name}/batch_dims")
-        nodes += [helper.make_node("Concat", [f"{name}/batch_dims", f"{name}/tail"], [f"{name}/unmerged_shape"],
-                                   axis=0, name=f"{name}/unmerged_shape"),
-                  helper.make_node("Reshape", [op_output, f"{name}/unmerged_shape"], [f"{name}/unmerged"],
-                                   name=f"{name}/unmerge"),
-                  helper.make_node("Transpose", [f"{name}/unmerged"], [per_head_output],
-                                   perm=list(np.argsort(perm)), name=f"{name}/output_transpose")]
-        inits.append(constant(f"{name}/tail", np.array(tail, np.int64)))
+        batch = self._batch_sizes(like, f"{name}/batch_dims", rewrite)
+        unmerged_shape = rewrite.node("Concat", [batch, rewrite.constant(f"{name}/tail", np.array(tail, np.int64))],
+                                      f"{name}/unmerged_shape", name=f"{name}/unmerged_shape", axis=0)
+        unmerged = rewrite.node("Reshape", [op_output, unmerged_shape], f"{name}/unmerged", name=f"{name}/unmerge")
+        rewrite.node("Transpose", [unmerged], per_head_output, name=f"{name}/output_transpose",
+                     perm=list(np.argsort(perm)))
 
         def expected(run):
             x = probe.runs[run][per_head_output]
             return x.transpose(perm).reshape(-1, x.shape[rows], self.heads * x.shape[features])
-        return expected, nodes, inits
+        return expected
 
-    def bias_into_op(self, probe: Probe, bias: str, values: list[np.ndarray], like: str, name: str):
+    def bias_into_op(self, probe: Probe, bias: str, values: list[np.ndarray], like: str, name: str, rewrite: Rewrite):
         """A bias broadcasting against the per-head scores [..., Nq, Nk] to [B' or 1, H or 1, Nq, Nk]; the batch
         axes' sizes are read from `like` when the bias changes along them (a mask that depends on the chunk).
-        Returns (op input name, values per run, new nodes, new initializers)."""
+        Returns (op input name, values per run)."""
         rank = np.ndim(values[0])
         if rank > self.rank:
             raise NotFused(f"the score bias has rank {rank}, more than the scores' {self.rank}")
-        nodes, inits, tensor = unsqueeze_to_rank(bias, rank, name, target=self.rank)
+        tensor = unsqueeze_to_rank(bias, rank, name, rewrite, target=self.rank)
         values = [v.reshape((1,) * (self.rank - rank) + v.shape) for v in values]
         head_size = values[0].shape[self.head] if self.head is not None else 1
         perm = [*self.batch, *([self.head] if self.head is not None else []), self.rank - 2, self.rank - 1]
         per_batch = any(v.shape[a] != 1 for v in values for a in self.batch)
         if per_batch:  # e.g. a mask that depends on the chunk: expand it over the whole batch first
-            size_nodes, size_inits = self._batch_sizes(like, f"{name}/bias_batch")
-            nodes = nodes + size_nodes + [
-                helper.make_node("ScatterElements", [f"{name}/bias_ones", f"{name}/bias_batch_axes",
-                                                     f"{name}/bias_batch"], [f"{name}/bias_target"],
-                                 name=f"{name}/bias_target"),
-                helper.make_node("Expand", [tensor, f"{name}/bias_target"], [f"{name}/bias_full"],
-                                 name=f"{name}/bias_expand")]
-            inits = inits + size_inits + [constant(f"{name}/bias_ones", np.ones(self.rank, np.int64))]
-            tensor = f"{name}/bias_full"
+            batch = self._batch_sizes(like, f"{name}/bias_batch", rewrite)
+            target = rewrite.node("ScatterElements", [
+                rewrite.constant(f"{name}/bias_ones", np.ones(self.rank, np.int64)), f"{name}/bias_batch_axes", batch],
+                f"{name}/bias_target", name=f"{name}/bias_target")
+            tensor = rewrite.node("Expand", [tensor, target], f"{name}/bias_full", name=f"{name}/bias_expand")
         # [-1, H or 1, Nq, Nk], Nq and Nk read from the bias itself: they follow the sequence where it is not chunked
-        nodes = nodes + [
-            helper.make_node("Transpose", [tensor], [f"{name}/bias_t"], perm=perm, name=f"{name}/bias_transpose"),
-            helper.make_node("Shape", [f"{name}/bias_t"], [f"{name}/bias_rows_keys"], start=-2,
-                             name=f"{name}/bias_rows_keys"),
-            helper.make_node("Concat", [f"{name}/bias_batch_heads", f"{name}/bias_rows_keys"], [f"{name}/bias_shape"],
-                             axis=0, name=f"{name}/bias_shape"),
-            helper.make_node("Reshape", [f"{name}/bias_t", f"{name}/bias_shape"], [f"{name}/bias_op"],
-                             name=f"{name}/bias_merge")]
-        inits = inits + [constant(f"{name}/bias_batch_heads", np.array([-1, head_size], np.int64))]
+        moved = rewrite.node("Transpose", [tensor], f"{name}/bias_t", name=f"{name}/bias_transpose", perm=perm)
+        rows_keys = rewrite.node("Shape", [moved], f"{name}/bias_rows_keys", name=f"{name}/bias_rows_keys", start=-2)
+        batch_heads = rewrite.constant(f"{name}/bias_batch_heads", np.array([-1, head_size], np.int64))
+        shape = rewrite.node("Concat", [batch_heads, rows_keys], f"{name}/bias_shape", name=f"{name}/bias_shape",
+                             axis=0)
+        op_bias = rewrite.node("Reshape", [moved, shape], f"{name}/bias_op", name=f"{name}/bias_merge")
 
         def value(run):
             v = values[run]
@@ -173,4 +158,4 @@ class ChunkLayout:
                 like_shape = probe.shape(like, run)
                 v = np.broadcast_to(v, [like_shape[a] if a in self.batch else v.shape[a] for a in range(self.rank)])
             return np.ascontiguousarray(v.transpose(perm).reshape(-1, head_size, *v.shape[-2:]))
-        return f"{name}/bias_op", value, nodes, inits
+        return op_bias, value

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from ..ops import DENSE_ATTENTION
 from .chunk_layout import ChunkLayout
-from .framework import Match, NotFused, closed_region, constant, untransposed, verify_numerically
+from .framework import Match, NotFused, Rewrite, closed_region, untransposed, verify_numerically
 from .graph import GraphIndex
 from .probe import Probe
 from .score_chain import chain_bias, score_chain
@@ -65,43 +64,37 @@ def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -
         raise NotFused("the value products of the score blocks are not added up")
 
     layout = ChunkLayout.of(probe, q)
-    new_nodes, new_inits = [], []
+    rewrite = Rewrite()
     keys, values, boundary = [], [], [q]
     for i, (chain, product) in enumerate(zip(chains, products)):
         k, transposed = untransposed(index, probe, chain.qk.input[1])
         if transposed:
             rank = len(probe.shape(k))
             # named apart from the tensors concatenated_into_op makes ({name}/key{i}, {name}/key{i}_transpose)
-            key = f"{name}/untransposed_key{i}"
-            transpose = helper.make_node("Transpose", [k], [key], name=key, perm=[*range(rank - 2), rank - 1, rank - 2])
-            probe.evaluate([transpose], [key], index.model.opset_import)  # its shape is read below
-            new_nodes.append(transpose)
+            key = rewrite.node("Transpose", [k], f"{name}/untransposed_key{i}", name=f"{name}/untransposed_key{i}",
+                               perm=[*range(rank - 2), rank - 1, rank - 2])
+            rewrite.evaluate(probe, [key], index.model.opset_import)  # its shape is read below
             keys.append(key)
         else:
             keys.append(k)
         values.append(product.input[1])
         boundary += [k, product.input[1], *chain.side_inputs(index)]
-    into = [layout.into_op(probe, q, f"{name}/query"),
-            layout.concatenated_into_op(probe, keys, q, f"{name}/key"),
-            layout.concatenated_into_op(probe, values, q, f"{name}/value")]
-    bias_nodes, bias_inits = _concatenated_bias(index, probe, chains, name)
-    new_nodes, new_inits = new_nodes + bias_nodes, new_inits + bias_inits
-    for _, _, nodes, inits in into:
-        new_nodes, new_inits = new_nodes + nodes, new_inits + inits
-    bias = f"{name}/bias_all"
-    probe.evaluate(new_nodes, [f"{name}/key", f"{name}/value", bias], index.model.opset_import, new_inits)
+    bias = _concatenated_bias(index, probe, chains, name, rewrite)
+    query = layout.into_op(probe, q, f"{name}/query", rewrite)
+    key = layout.concatenated_into_op(probe, keys, q, f"{name}/key", rewrite)
+    value = layout.concatenated_into_op(probe, values, q, f"{name}/value", rewrite)
+    rewrite.evaluate(probe, [key[0], value[0], bias], index.model.opset_import)
     op_output = f"{name}/output"
-    expected, out_nodes, out_inits = layout.out_of_op(probe, op_output, output, like=q, name=name)
-    bias_op, bias_value, more_nodes, more_inits = layout.bias_into_op(
-        probe, bias, [run[bias] for run in probe.runs], like=q, name=name)
-    new_nodes, new_inits = new_nodes + more_nodes + out_nodes, new_inits + more_inits + out_inits
+    expected = layout.out_of_op(probe, op_output, output, like=q, name=name, rewrite=rewrite)
+    bias_op, bias_value = layout.bias_into_op(probe, bias, [run[bias] for run in probe.runs], like=q, name=name,
+                                              rewrite=rewrite)
 
     nodes = closed_region(index, boundary, output)
     attrs = {"num_heads": layout.heads, "scale": chains[0].scale, "causal": 0}
-    why = verify_numerically(OP, probe, [t[1] for t in into] + [bias_value], expected, attrs)
+    why = verify_numerically(OP, probe, [query[1], key[1], value[1], bias_value], expected, attrs)
     if why:
         raise NotFused(f"the op's reference does not reproduce the graph: {why}")
-    return Match(OP, name, [t[0] for t in into] + [bias_op], op_output, attrs, nodes, new_inits, new_nodes)
+    return rewrite.match(OP, name, [query[0], key[0], value[0], bias_op], op_output, attrs, nodes)
 
 
 def _sum_of(index: GraphIndex, tensors: list[str]) -> str | None:
@@ -117,37 +110,31 @@ def _sum_of(index: GraphIndex, tensors: list[str]) -> str | None:
     return total
 
 
-def _concatenated_bias(index: GraphIndex, probe: Probe, chains: list, name: str):
+def _concatenated_bias(index: GraphIndex, probe: Probe, chains: list, name: str, rewrite: Rewrite) -> str:
     """[b1 | b2 | ..] on the key axis, each block chain_i(0) (zero when the block has no bias) broadcast to
     [.., Nq, Nk_i] and all to common leading axes."""
     rank = len(probe.shape(chains[0].qk.output[0]))
-    nodes, blocks = [], []
-    inits = [constant(f"{name}/zero", np.array([0], np.int64)), constant(f"{name}/minus_one", np.array([-1], np.int64))]
+    zero = rewrite.constant(f"{name}/zero", np.array([0], np.int64))
+    minus_one = rewrite.constant(f"{name}/minus_one", np.array([-1], np.int64))
+    blocks, leads = [], []
     for i, chain in enumerate(chains):
         rows, cols = probe.shape(chain.qk.output[0])[-2:]
         if chain.has_bias:
-            chain_nodes, block, chain_inits, _ = chain_bias(index, probe, chain, f"{name}/block{i}", rank4=False)
-            nodes, inits = nodes + chain_nodes, inits + chain_inits
+            block, _ = chain_bias(index, probe, chain, f"{name}/block{i}", rewrite, rank4=False)
         else:
-            block = f"{name}/block{i}_zero"
-            inits.append(constant(block, np.zeros((), probe.runs[0][chain.qk.output[0]].dtype)))
-        inits.append(constant(f"{name}/block{i}_size", np.array([1] * (rank - 2) + [rows, cols], np.int64)))
-        nodes += [helper.make_node("Expand", [block, f"{name}/block{i}_size"], [f"{name}/block{i}_full"],
-                                   name=f"{name}/block{i}_expand"),
-                  helper.make_node("Shape", [f"{name}/block{i}_full"], [f"{name}/block{i}_shape"],
-                                   name=f"{name}/block{i}_shape"),
-                  helper.make_node("Slice", [f"{name}/block{i}_shape", f"{name}/zero", f"{name}/minus_one"],
-                                   [f"{name}/block{i}_lead"], name=f"{name}/block{i}_lead")]
-        blocks.append((f"{name}/block{i}_full", cols))
-    leads = [f"{name}/block{i}_lead" for i in range(len(chains))]
-    nodes.append(helper.make_node("Max", leads, [f"{name}/bias_lead"], name=f"{name}/bias_lead"))
+            block = rewrite.constant(f"{name}/block{i}_zero",
+                                     np.zeros((), probe.runs[0][chain.qk.output[0]].dtype))
+        size = rewrite.constant(f"{name}/block{i}_size", np.array([1] * (rank - 2) + [rows, cols], np.int64))
+        full = rewrite.node("Expand", [block, size], f"{name}/block{i}_full", name=f"{name}/block{i}_expand")
+        shape = rewrite.node("Shape", [full], f"{name}/block{i}_shape", name=f"{name}/block{i}_shape")
+        leads.append(rewrite.node("Slice", [shape, zero, minus_one], f"{name}/block{i}_lead",
+                                  name=f"{name}/block{i}_lead"))
+        blocks.append((full, cols))
+    lead = rewrite.node("Max", leads, f"{name}/bias_lead", name=f"{name}/bias_lead")
     expanded = []
     for i, (block, cols) in enumerate(blocks):
-        inits.append(constant(f"{name}/block{i}_cols", np.array([cols], np.int64)))
-        nodes += [helper.make_node("Concat", [f"{name}/bias_lead", f"{name}/block{i}_cols"],
-                                   [f"{name}/block{i}_target"], axis=0, name=f"{name}/block{i}_target"),
-                  helper.make_node("Expand", [block, f"{name}/block{i}_target"], [f"{name}/block{i}_common"],
-                                   name=f"{name}/block{i}_common")]
-        expanded.append(f"{name}/block{i}_common")
-    nodes.append(helper.make_node("Concat", expanded, [f"{name}/bias_all"], axis=-1, name=f"{name}/bias_concat"))
-    return nodes, inits
+        target = rewrite.node("Concat", [lead, rewrite.constant(f"{name}/block{i}_cols", np.array([cols], np.int64))],
+                              f"{name}/block{i}_target", name=f"{name}/block{i}_target", axis=0)
+        expanded.append(rewrite.node("Expand", [block, target], f"{name}/block{i}_common",
+                                     name=f"{name}/block{i}_common"))
+    return rewrite.node("Concat", expanded, f"{name}/bias_all", name=f"{name}/bias_concat", axis=-1)

@@ -74,6 +74,32 @@ class Match:
     kept: list[onnx.NodeProto] = field(default_factory=list)
 
 
+@dataclass
+class Rewrite:
+    """What a match adds to the graph beside its custom node: helper nodes (layouts into and out of the op, a bias
+    made from the score chain) and their constants. Builders append here instead of handing back node and
+    initializer lists for the caller to thread through."""
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    initializers: list[onnx.TensorProto] = field(default_factory=list)
+
+    def node(self, op_type: str, inputs: list[str], output: str, name: str, **attrs) -> str:
+        """Adds one single-output node; returns its output."""
+        self.nodes.append(helper.make_node(op_type, inputs, [output], name=name, **attrs))
+        return output
+
+    def constant(self, name: str, value: np.ndarray) -> str:
+        self.initializers.append(constant(name, value))
+        return name
+
+    def evaluate(self, probe: Probe, outputs: list[str], opset_imports) -> None:
+        """Runs what was added so far on every probe, so later steps can read the new tensors' values."""
+        probe.evaluate(self.nodes, outputs, opset_imports, self.initializers)
+
+    def match(self, contract: OpContract, name: str, inputs: list[str], output: str, attrs: dict[str, Any],
+              nodes: list[onnx.NodeProto], kept: list[onnx.NodeProto] = ()) -> Match:
+        return Match(contract, name, inputs, output, attrs, nodes, self.initializers, self.nodes, list(kept))
+
+
 def scalar_value(index: GraphIndex, probe: Probe, name: str) -> float | None:
     """The value of a static scalar tensor that is the same at every probe shape, else None (a factor computed
     from the shape, such as 1/N, is not a constant)."""
@@ -337,14 +363,12 @@ def run_subgraph(index: GraphIndex, feeds: dict[str, np.ndarray], output: str, v
                      ir_version=index.model.ir_version)
 
 
-def unsqueeze_to_rank(tensor: str, rank: int, name: str, target: int = 4) -> tuple[list, list, str]:
-    """A bias of lower rank broadcasts as [.., Nq, Nk]: the nodes and constant giving it rank `target` (4, or the
-    rank of chunked scores), and the result."""
+def unsqueeze_to_rank(tensor: str, rank: int, name: str, rewrite: Rewrite, target: int = 4) -> str:
+    """A bias of lower rank broadcasts as [.., Nq, Nk]: gives it rank `target` (4, or the rank of chunked scores)."""
     if rank == target:
-        return [], [], tensor
-    axes, out = f"{name}/bias_axes", f"{name}/bias"
-    return ([helper.make_node("Unsqueeze", [tensor, axes], [out], name=f"{name}/bias_rank{target}")],
-            [constant(axes, np.arange(target - rank, dtype=np.int64))], out)
+        return tensor
+    axes = rewrite.constant(f"{name}/bias_axes", np.arange(target - rank, dtype=np.int64))
+    return rewrite.node("Unsqueeze", [tensor, axes], f"{name}/bias", name=f"{name}/bias_rank{target}")
 
 
 def constant(name: str, value: np.ndarray) -> onnx.TensorProto:

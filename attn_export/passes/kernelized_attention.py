@@ -17,7 +17,7 @@ import numpy as np
 
 from ..ops import KERNELIZED_ATTENTION
 from .chunk_layout import ChunkLayout
-from .framework import (GATHER_OPS, FamilyPass, Match, NotFused, closed_region, constant, find_output, region,
+from .framework import (GATHER_OPS, FamilyPass, Match, NotFused, Rewrite, closed_region, constant, find_output, region,
                         register, scalar_value, untransposed, verify_numerically, walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
@@ -132,14 +132,14 @@ def _match_identity(index: GraphIndex, probe: Probe, product: StateProduct, name
     q, (kt, v), output = product.outer.input[0], product.inner.input, product.outer.output[0]
     k, k_transposed = untransposed(index, probe, kt)
     layout = ChunkLayout.of(probe, q)
-    inputs, values, op_output, expected, new_nodes, new_inits = layout.qkv_into_op(probe, q, k, v, output, name,
-                                                                                   k_transposed)
+    rewrite = Rewrite()
+    inputs, values, op_output, expected = layout.qkv_into_op(probe, q, k, v, output, name, rewrite, k_transposed)
     nodes = closed_region(index, [q, k, v], output)
     attrs = {"num_heads": layout.heads, "feature_map": "identity", "causal": 0, "normalize": 0}
     why = verify_numerically(OP, probe, values, expected, attrs)
     if why:
         raise NotFused(f"the op's reference does not reproduce the graph: {why}")
-    return Match(OP, name, inputs, op_output, attrs, nodes, new_inits, new_nodes)
+    return rewrite.match(OP, name, inputs, op_output, attrs, nodes)
 
 
 FAMILY = register(FamilyPass("kernelized_attention", 20, OP, candidates, match, anchor=lambda pair: pair[0]))

@@ -12,7 +12,7 @@ import onnx
 from onnx import helper
 
 from ..ops import DENSE_ATTENTION
-from .framework import FamilyPass, register, Match, NotFused, constant, unsqueeze_to_rank, verify_numerically
+from .framework import FamilyPass, Match, NotFused, Rewrite, register, unsqueeze_to_rank, verify_numerically
 from .graph import GraphIndex
 from .probe import Probe
 
@@ -41,15 +41,14 @@ def match(index: GraphIndex, probe: Probe, node: onnx.NodeProto, name: str) -> M
 
     fused_attrs = {"num_heads": heads, "scale": float(attrs.get("scale", 0.0)),
                    "causal": int(attrs.get("is_causal", 0))}
-    new_nodes, new_inits, bias = [], [], ""
-    if mask:
-        new_nodes, new_inits, bias = _mask_as_bias(probe, mask, name)
+    rewrite = Rewrite()
+    bias = _mask_as_bias(probe, mask, name, rewrite) if mask else ""
     fused_inputs = [q, k, v] + ([bias] if bias else [])
     bias_value = (lambda run: _bias_value(probe.runs[run][mask])) if mask else None
     why = verify_numerically(OP, probe, [q, k, v] + ([bias_value] if mask else []), node.output[0], fused_attrs)
     if why:
         raise NotFused(f"the op's reference does not reproduce the graph: {why}")
-    return Match(OP, name, fused_inputs, node.output[0], fused_attrs, [node], new_inits, new_nodes)
+    return rewrite.match(OP, name, fused_inputs, node.output[0], fused_attrs, [node])
 
 
 def _bias_value(mask: np.ndarray) -> np.ndarray:
@@ -57,17 +56,15 @@ def _bias_value(mask: np.ndarray) -> np.ndarray:
     return bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
 
 
-def _mask_as_bias(probe: Probe, mask: str, name: str):
-    """Nodes turning the mask into a rank-4 additive bias."""
+def _mask_as_bias(probe: Probe, mask: str, name: str, rewrite: Rewrite) -> str:
+    """The mask as a rank-4 additive bias."""
     value = probe.runs[0][mask]
-    nodes, inits, bias = [], [], mask
+    bias = mask
     if value.dtype == np.bool_:
-        zero, neg_inf = f"{name}/zero", f"{name}/neg_inf"
-        inits += [constant(zero, np.zeros((), np.float32)), constant(neg_inf, np.array(-np.inf, np.float32))]
-        bias = f"{name}/mask_bias"
-        nodes.append(helper.make_node("Where", [mask, zero, neg_inf], [bias], name=f"{name}/mask_to_bias"))
-    rank4_nodes, rank4_inits, bias = unsqueeze_to_rank(bias, value.ndim, name)
-    return nodes + rank4_nodes, inits + rank4_inits, bias
+        zero = rewrite.constant(f"{name}/zero", np.zeros((), np.float32))
+        neg_inf = rewrite.constant(f"{name}/neg_inf", np.array(-np.inf, np.float32))
+        bias = rewrite.node("Where", [mask, zero, neg_inf], f"{name}/mask_bias", name=f"{name}/mask_to_bias")
+    return unsqueeze_to_rank(bias, value.ndim, name, rewrite)
 
 
 FAMILY = register(FamilyPass("onnx_attention", 50, OP, candidates, match))

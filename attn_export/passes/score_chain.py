@@ -11,11 +11,13 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .framework import NotFused, constant, run_nodes, scalar_value, unsqueeze_to_rank
+from .framework import NotFused, Rewrite, constant, run_nodes, scalar_value, unsqueeze_to_rank
 from .graph import GraphIndex
 from .probe import Probe
 
 CHAIN_OPS = {"Mul", "Div", "Add", "Sub", "Where", "Cast"}
+# the reason for weights that are not attention at all (a gate, a classifier head): not reported
+NO_SCORE_PRODUCT = "no QK^T product feeds the softmax"
 
 
 class ScoreChain:
@@ -27,9 +29,9 @@ class ScoreChain:
         # scalar factors computed from the input shape (GAU's 1/N): (tensor, "Mul" or "Div"), folded into the query
         self.shape_factors = list(shape_factors)
 
-    def fold_shape_factors(self, probe: Probe, query: str, name: str, opset_imports) -> tuple[str, list]:
-        """The query times the chain's shape-dependent factors (the op's scale is a constant): the new query and
-        the nodes that make it, already evaluated on the probe."""
+    def fold_shape_factors(self, probe: Probe, query: str, name: str, rewrite: Rewrite, opset_imports) -> str:
+        """The query times the chain's shape-dependent factors (the op's scale is a constant): the new query, its
+        nodes added to `rewrite` and already evaluated on the probe."""
         nodes = []
         for i, (factor, op_type) in enumerate(self.shape_factors):
             scaled = f"{name}/query_scaled{i}"
@@ -37,7 +39,8 @@ class ScoreChain:
             query = scaled
         if nodes:
             probe.evaluate(nodes, [n.output[0] for n in nodes], opset_imports)
-        return query, nodes
+            rewrite.nodes.extend(nodes)
+        return query
 
     def side_inputs(self, index: GraphIndex) -> list[str]:
         """Data-dependent tensors the chain reads besides the scores (a mask or bias computed elsewhere)."""
@@ -63,20 +66,27 @@ def _reaches_qk(index: GraphIndex, tensor: str, depth: int = 12) -> bool:
 
 
 def score_chain(index: GraphIndex, probe: Probe, scores: str, shape_factors_ok: bool = False) -> ScoreChain | str:
-    """The chain that makes `scores` (what a softmax reads), or why it is not an affine function of one QK^T
-    product. With `shape_factors_ok` a scalar factor computed from the input shape is kept in the chain for the
-    caller to fold into the query."""
+    """The one walk from attention weights back to QK^T: the chain that makes `scores` (what a softmax reads), or
+    why it is not an affine function of one QK^T product (NO_SCORE_PRODUCT: no such product at all). With
+    `shape_factors_ok` a scalar factor computed from the input shape is kept in the chain for the caller to fold
+    into the query."""
     steps, scale, tensor, shape_factors = [], 1.0, scores, []
     while True:
         node = index.producer.get(tensor)
         if node is None:
-            return "no QK^T product feeds the softmax"
+            return NO_SCORE_PRODUCT
         if is_qk_product(index, node):
             break
+        if node.op_type in ("MatMul", "Gemm"):  # a projection of one tensor (a gate, a router): no QK^T
+            return NO_SCORE_PRODUCT
         if node.op_type not in CHAIN_OPS:
             return f"unexpected {node.op_type} between QK^T and softmax"
         carriers = [i for i, t in enumerate(node.input) if t and not index.is_static(t) and _reaches_qk(index, t)]
-        if len(carriers) != 1:
+        if not carriers:  # no QK^T within reach: follow the one data input to say what stands in the way
+            carriers = [i for i, t in enumerate(node.input) if t and not index.is_static(t)]
+            if len(carriers) != 1:
+                return f"{node.op_type} between QK^T and softmax mixes two data-dependent tensors"
+        elif len(carriers) != 1:
             return f"{node.op_type} between QK^T and softmax combines the scores with themselves (not affine)"
         slot = carriers[0]
         if node.op_type in ("Mul", "Div"):
@@ -107,13 +117,13 @@ def _shape_scalar(index: GraphIndex, probe: Probe, tensor: str) -> bool:
     return index.is_static(tensor) and all(v is not None and np.size(v) == 1 and np.all(v != 0) for v in values)
 
 
-def chain_bias(index: GraphIndex, probe: Probe, chain: ScoreChain, name: str, rank4: bool = True):
+def chain_bias(index: GraphIndex, probe: Probe, chain: ScoreChain, name: str, rewrite: Rewrite,
+               rank4: bool = True) -> tuple[str, list[np.ndarray]]:
     """The score chain copied onto a zero score: chain(0), made rank 4 ([B or 1, H or 1, Nq, Nk]) unless not
-    `rank4`. Returns the nodes, the bias tensor, new constants and the bias value at every probe."""
+    `rank4`. Its nodes go to `rewrite`; returns the bias tensor and its value at every probe."""
     dtype = np.asarray(probe.runs[0][chain.qk.output[0]]).dtype
-    zero = f"{name}/zero_scores"
-    inits = [constant(zero, np.zeros((), dtype))]
-    nodes, renamed = [], {chain.qk.output[0]: zero}
+    zero = constant(f"{name}/zero_scores", np.zeros((), dtype))
+    nodes, renamed = [], {chain.qk.output[0]: zero.name}
     for node, _ in chain.steps:
         copy = helper.make_node(node.op_type, [renamed.get(i, i) for i in node.input],
                                 [f"{name}/bias/{o}" for o in node.output], name=f"{name}/bias/{node.name}")
@@ -121,12 +131,12 @@ def chain_bias(index: GraphIndex, probe: Probe, chain: ScoreChain, name: str, ra
         renamed.update(zip(node.output, copy.output))
         nodes.append(copy)
     bias = nodes[-1].output[0]
-    values = [run_nodes(nodes, bias, values, index.model.opset_import, inits) for values in probe.runs]
+    values = [run_nodes(nodes, bias, values, index.model.opset_import, [zero]) for values in probe.runs]
+    rewrite.nodes.extend(nodes)
+    rewrite.initializers.append(zero)
     if not rank4:
-        return nodes, bias, inits, values
+        return bias, values
     rank = np.ndim(values[0])
     if rank > 4:
         raise NotFused(f"the score bias has rank {rank}, more than [B, H, Nq, Nk]")
-    rank4_nodes, rank4_inits, bias = unsqueeze_to_rank(bias, rank, name)
-    values = [v.reshape((1,) * (4 - rank) + v.shape) for v in values]
-    return nodes + rank4_nodes, bias, inits + rank4_inits, values
+    return unsqueeze_to_rank(bias, rank, name, rewrite), [v.reshape((1,) * (4 - rank) + v.shape) for v in values]

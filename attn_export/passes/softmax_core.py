@@ -1,32 +1,41 @@
 """Find softmax attention cores:
 MatMul(q, k^T) -> [scale, mask] -> Softmax(last axis) -> [NaN guard] -> MatMul(p, v);
-and the weights' value product, for softmax and for FLASH's relu^2 weights alike."""
+and the weights' value product, for softmax and for FLASH's relu^2 weights alike. The walk from the softmax back to
+QK^T is score_chain's, the one every pass uses."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import onnx
 
-from .framework import scalar_value
 from .graph import GraphIndex
 from .probe import Probe
+from .score_chain import NO_SCORE_PRODUCT, ScoreChain, score_chain
 
-SCORE_OPS = {"Where", "Add", "Sub", "Mul", "Div", "Cast"}
 GUARD_OPS = {"Where", "Cast", "IsNaN", "Not"}
 
-# a softmax with either of these reasons is not attention at all (a gate, a classifier head): not reported
-NO_SCORE_PRODUCT = "no QK^T product feeds the softmax"
+# with either reason a softmax is not attention at all (a gate, a classifier head): not reported
 NO_VALUE_PRODUCT = "softmax output does not feed a product with V"
+__all__ = ["NO_SCORE_PRODUCT", "NO_VALUE_PRODUCT", "SoftmaxCore", "find_core", "softmax_nodes", "value_product"]
 
 
 @dataclass
 class SoftmaxCore:
     softmax: onnx.NodeProto
-    qk: onnx.NodeProto  # MatMul(q_side, kT_side)
+    chain: ScoreChain  # QK^T product -> scale, mask -> softmax input
     pv: onnx.NodeProto  # MatMul(probs, v_side)
-    probs: str  # softmax output
-    score_scale: float  # scalar factors between the QK product and the softmax
-    masked: bool  # a Where/Add on the scores (mask or bias)
+
+    @property
+    def qk(self) -> onnx.NodeProto:
+        return self.chain.qk
+
+    @property
+    def score_scale(self) -> float:
+        return self.chain.scale
+
+    @property
+    def probs(self) -> str:
+        return self.softmax.output[0]
 
     @property
     def q_side(self):
@@ -50,40 +59,15 @@ def axis_is_last(node: onnx.NodeProto, probe: Probe) -> bool:
 
 def find_core(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto) -> SoftmaxCore | str:
     """The core around a Softmax node, or a string saying why this Softmax is not one."""
-    scale, masked, tensor = 1.0, False, softmax.input[0]
-    while True:
-        node = index.producer.get(tensor)
-        if node is None:
-            return NO_SCORE_PRODUCT
-        if node.op_type == "MatMul":
-            if len(index.dynamic_inputs(node)) != 2:  # a projection of one tensor (a gate, a router): no QK^T
-                return NO_SCORE_PRODUCT
-            break
-        if node.op_type not in SCORE_OPS:
-            return f"unexpected {node.op_type} between QK^T and softmax"
-        dynamic = index.dynamic_inputs(node)
-        if len(dynamic) != 1:
-            return f"{node.op_type} between QK^T and softmax mixes two data-dependent tensors"
-        if node.op_type in ("Mul", "Div"):
-            other = [i for i in node.input if i != dynamic[0]][0]
-            value = scalar_value(index, probe, other)
-            if value is None:  # a per-element product: a bias-like term we cannot fold into a scale
-                return f"scores are multiplied by a non-scalar tensor ({node.op_type} '{node.name}')"
-            if node.op_type == "Div" and node.input[0] != dynamic[0]:
-                return "scores divide a constant"
-            scale *= value if node.op_type == "Mul" else 1.0 / value
-        elif node.op_type in ("Where", "Add", "Sub"):
-            if node.op_type == "Sub" and node.input[0] != dynamic[0]:
-                return "scores are subtracted from a constant"
-            masked = True
-        tensor = dynamic[0]
-    qk = node
+    chain = score_chain(index, probe, softmax.input[0])
+    if isinstance(chain, str):
+        return chain
     if not axis_is_last(softmax, probe):
         return "softmax is not over the last (key) axis"
     pv = value_product(index, softmax)
     if pv is None:
         return NO_VALUE_PRODUCT
-    return SoftmaxCore(softmax, qk, pv, softmax.output[0], scale, masked)
+    return SoftmaxCore(softmax, chain, pv)
 
 
 def softmax_nodes(index: GraphIndex):
