@@ -216,7 +216,8 @@ def _max_position_candidates(index: GraphIndex, probe: Probe, gathers: list[onnx
     if mid < 1:
         return [0]
     for gather in gathers:
-        for node in index.ancestors(gather.input[1], stop=set()):
+        # only the static computation of the index: a Shape is where it stops reading the graph
+        for node in index.ancestors(gather.input[1], stop=set(index.graph_inputs) | _dynamic(index)):
             for t in [*node.input, *node.output]:
                 value = probe.runs[0].get(t) if t in index.static else None
                 if value is None:
@@ -224,7 +225,8 @@ def _max_position_candidates(index: GraphIndex, probe: Probe, gathers: list[onnx
                 value = np.asarray(value)
                 if value.size == 1 and np.issubdtype(value.dtype, np.floating) and 0 < float(value) < 1e6:
                     c = np.float32(value.reshape(()))
-                    for mp in {round(mid * math.exp(float(c))) + 1, round(float(c) * mid) + 1}:
+                    named = {round(float(c) * mid) + 1} | ({round(mid * math.exp(float(c))) + 1} if c < 30 else set())
+                    for mp in named:
                         if mp > mid + 1 and (abs(log_denominator(span, mp) - c) <= 4 * np.spacing(c)
                                              or np.float32((mp - 1) / mid) == c):
                             found.append(mp)
@@ -234,17 +236,22 @@ def _max_position_candidates(index: GraphIndex, probe: Probe, gathers: list[onnx
     return list(dict.fromkeys(found)) + [0]
 
 
+def _dynamic(index: GraphIndex) -> set[str]:
+    return {o for n in index.nodes for o in n.output if o and o not in index.static}
+
+
 def _max_positions_of_table(table: np.ndarray, span: int) -> list[int]:
-    """The smallest L whose relative index is this [L', L'] table (delta or its transpose): past L' nothing is
-    read, so every L that reproduces the table is the same layer."""
+    """The smallest L whose relative index is this [L', L'] table (delta or its transpose): no longer sequence reads
+    it, so every L that reproduces the whole table is the same layer."""
     n = table.shape[-1]
     relative = torch.arange(-(n - 1), n)
-    want = np.concatenate([table[0, ::-1][:-1], table[:, 0]])  # delta(i - j) for i - j = -(n-1) .. n-1
-    for wanted in (want, want[::-1]):
-        for mp in range(span // 2 + 2, 4 * n + 2 * span):
+    want = np.concatenate([table[0, ::-1][:-1], table[:, 0]])  # the table's row for i - j = -(n-1) .. n-1
+    for wanted, transposed in ((want, False), (want[::-1], True)):
+        for mp in range(span // 2 + 2, 4 * n + 2 * span):  # compared on the differences first: one row, not n^2
             bucket = (log_bucket(relative, span, mp) + span).clamp(0, 2 * span - 1).numpy()
             if np.array_equal(bucket, wanted):
-                return [mp]
+                delta = relative_index(n, n, span, mp).numpy()
+                return [mp] if np.array_equal(table, delta.T if transposed else delta) else []
     return []
 
 
@@ -262,7 +269,7 @@ def _reads_relative_index(probe: Probe, gathers: list[tuple[onnx.NodeProto, bool
 def _bias(index: GraphIndex, probe: Probe, steps: list, sides: list[str], name: str):
     """The chain between the score sum and the softmax applied to a zero score (its layout steps dropped: a zero
     has none), rank 4. Returns (scale factor of the chain, nodes, bias or None, initializers, values)."""
-    factor, nodes, renamed = 1.0, [], {}
+    factor, nodes = 1.0, []
     zero = f"{name}/zero_scores"
     carrier = zero
     for node, slot in steps:
@@ -279,8 +286,9 @@ def _bias(index: GraphIndex, probe: Probe, steps: list, sides: list[str], name: 
             raise NotFused("the scores are subtracted from another tensor")
         if node.op_type == "Where" and slot == 0:
             raise NotFused("the scores are a Where condition")
-        inputs = [carrier if i == slot else renamed.get(t, t) for i, t in enumerate(node.input)]
-        copy = helper.make_node(node.op_type, inputs, [f"{name}/bias/{node.output[0]}"], name=f"{name}/bias/{node.name}")
+        inputs = [carrier if i == slot else t for i, t in enumerate(node.input)]  # the mask stays the graph's
+        copy = helper.make_node(node.op_type, inputs, [f"{name}/bias/{node.output[0]}"],
+                                name=f"{name}/bias/{node.name}")
         copy.attribute.extend(node.attribute)
         carrier = copy.output[0]
         nodes.append(copy)
