@@ -75,9 +75,21 @@ def candidates(index: GraphIndex, probe: Probe):
     for softmax in softmax_nodes(index):
         if not axis_is_last(softmax, probe) or _value_product(index, softmax) is None:
             continue
-        nodes = _score_ancestry(index, softmax.input[0])
-        if any(n.op_type in GATHERS for n in nodes) and any(_is_position_product(index, n) for n in nodes):
+        if any(_gathers_a_position_product(index, probe, n) for n in _score_ancestry(index, softmax.input[0])):
             yield softmax
+
+
+def _gathers_a_position_product(index: GraphIndex, probe: Probe, node: onnx.NodeProto) -> bool:
+    """A GatherElements along the last axis of a product of the data with a static tensor: a relative term (not
+    BigBird's gather of key blocks, which picks whole blocks along another axis)."""
+    if node.op_type != "GatherElements" or not index.dynamic_inputs(node) or node.input[0] in index.static:
+        return False
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    if axis not in (-1, len(probe.shape(node.input[0]) or ()) - 1):
+        return False
+    source, _, _ = _walk(index, probe, node.input[0], through_gather=False)
+    product = index.producer.get(source)
+    return product is not None and _is_position_product(index, product)
 
 
 class _Term:
