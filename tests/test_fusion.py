@@ -119,7 +119,7 @@ def test_layers_without_a_softmax_are_reported_never_skipped(name, layer, reason
     assert not report.all_fused  # so --strict fails instead of passing over the layer
 
 
-DENSE_FAMILY = [(name, exporter, dynamic) for name in ("hypercube", "vit", "treeformer", "deberta", "mgk")
+DENSE_FAMILY = [(name, exporter, dynamic) for name in ("hypercube", "vit", "treeformer", "mgk")
                 for exporter, dynamic in (("dynamo", True), ("torchscript", True), ("dynamo", False))]
 
 
@@ -168,7 +168,29 @@ def _expected_ops(name, config):
         return {"DenseAttention": layers, "KernelizedAttention": layers}
     if name == "spade":  # local attention per block in every layer, the state-space layer every s4_every layers
         return {"DenseAttention": layers, "LongConvolution": len(range(0, layers, config.s4_every))}
+    if name == "deberta":  # c2p, p2c and the log buckets inside the op, not a materialised N x N bias
+        return {"DisentangledAttention": layers}
     return {"DenseAttention": layers}
+
+
+@pytest.mark.parametrize("exporter,dynamic", [("dynamo", True), ("torchscript", True), ("dynamo", False),
+                                              ("torchscript", False)])
+def test_deberta_fuses_into_disentangled_attention_with_parity(exporter, dynamic):
+    module, model, inputs = _export("deberta", exporter, dynamic)
+    fused, report = api.fuse(model)  # refuses a fused graph that differs from the reference graph
+    config = module.config
+    assert report.attention_layers == config.num_layers and report.all_fused, report.as_dict()
+    ops = [n.op_type for n in fused.graph.node if n.domain == "attn_export"]
+    assert {op: ops.count(op) for op in set(ops)} == _expected_ops("deberta", config)
+    for layer in report.layers:  # the bucket layout read off the graph is the model's
+        assert (layer.attributes["span"], layer.attributes["max_position"]) == (config.position_buckets,
+                                                                                config.max_relative_positions)
+    assert not {"GatherElements", "Softmax"} & {n.op_type for n in fused.graph.node}
+    runner = OnnxRuntimeRunner(fused, "fused")
+    with torch.no_grad():
+        for feeds in inputs:
+            got = next(iter(runner.run({k: v.numpy() for k, v in feeds.items()}).values()))
+            np.testing.assert_allclose(got, module(*feeds.values()).numpy(), atol=1e-4, rtol=1e-3)
 
 
 PER_CHUNK_CASES = [(name, exporter, dynamic) for name in ("evolving", "flash", "spade", "transformer-ls")

@@ -153,12 +153,87 @@ def test_hf_vit_fuses_every_layer(exporter):
     np.testing.assert_allclose(next(iter(got.values())), Pixels()(pixels).detach().numpy(), atol=1e-4, rtol=1e-3)
 
 
+class _Ids(torch.nn.Module):
+    """The model called without an attention mask (transformers then masks with all ones)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, return_dict=False)[0]
+
+
+def _hf_deberta(pos_att_type):
+    torch.manual_seed(0)
+    return transformers.DebertaV2Model(transformers.DebertaV2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+        relative_attention=True, position_buckets=8, pos_att_type=pos_att_type, norm_rel_ebd="layer_norm"))
+
+
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_hf_deberta_v2_is_reported_per_layer(exporter):
-    model = _export(_Tensors(_hf_text_model("deberta")), _text_inputs(), exporter)
-    _, report = api.fuse(model)
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("pos_att_type", [["p2c", "c2p"], ["c2p"]])
+def test_hf_deberta_v2_fuses_every_layer_into_disentangled_attention(exporter, masked, pos_att_type):
+    if pos_att_type == ["c2p"] and (exporter, masked) != ("dynamo", True):
+        pytest.skip("one c2p-only case is enough: the other axes are covered with both terms")
+    deberta = _hf_deberta(pos_att_type)
+    inputs = _text_inputs() if masked else {"input_ids": _text_inputs()["input_ids"]}
+    model = _export(_Tensors(deberta) if masked else _Ids(deberta), inputs, exporter)
+    fused, report = api.fuse(model)
+    assert report.attention_layers == 2 and report.all_fused, report.as_dict()
     assert [layer.name.split(".")[-3:] for layer in report.layers] == [["0", "attention", "self"],
-                                                                       ["1", "attention", "self"]], report.as_dict()
+                                                                       ["1", "attention", "self"]]
+    assert _fused_ops(fused) == ["DisentangledAttention", "DisentangledAttention"]
+    config = deberta.config
+    for layer in report.layers:
+        attrs = layer.attributes
+        assert (attrs["span"], attrs["max_position"]) == (config.position_buckets, config.max_position_embeddings)
+        assert (attrs["c2p"], attrs["p2c"]) == (int("c2p" in pos_att_type), int("p2c" in pos_att_type))
+        assert attrs["scale"] == 0.0  # HF's 1/sqrt(D * (1 + terms)) is the op's default
+        assert attrs["masked_rows"] == ("mean" if masked else "zeros")
+    # the relative terms and their log buckets run inside the op: no gathered N x N score term is left
+    assert not {"GatherElements", "Log", "Softmax"} & {n.op_type for n in fused.graph.node}
+    nodes = [n for n in fused.graph.node if n.op_type == "DisentangledAttention"]
+    assert all(len(n.input) == (6 if masked else 5) for n in nodes)  # a bias only where there is a mask
+    feeds = _masked_feeds(model)
+    _assert_parity_where_defined(model, fused, feeds)
+    if masked:  # the fully masked batch row: HF's finite fill averages the values uniformly, and so must the op
+        with torch.no_grad():
+            want = deberta(input_ids=torch.from_numpy(feeds["input_ids"]),
+                           attention_mask=torch.from_numpy(feeds["attention_mask"]), return_dict=False)[0]
+        got = OnnxRuntimeRunner(fused, "fused").run(feeds)
+        np.testing.assert_allclose(next(iter(got.values())), want.numpy(), atol=1e-4, rtol=1e-3)
+
+
+class _DataIndexedDisentangled(torch.nn.Module):
+    """DeBERTa's c2p term with the relative index taken from given position ids (data), not from the length."""
+
+    def __init__(self, dim=32, heads=2, span=8):
+        super().__init__()
+        self.heads, self.span = heads, span
+        self.q, self.k, self.v = (torch.nn.Linear(dim, dim) for _ in range(3))
+        self.rel = torch.nn.Parameter(torch.randn(2 * span, dim))
+
+    def forward(self, x, positions):
+        b, n, d = x.shape
+        split = lambda t: t.reshape(t.shape[0], -1, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v, rel_k = split(self.q(x)), split(self.k(x)), split(self.v(x)), split(self.k(self.rel[None]))
+        delta = (positions[:, :, None] - positions[:, None, :] + self.span).clamp(0, 2 * self.span - 1)
+        c2p = torch.gather(q @ rel_k.transpose(-1, -2), -1, delta[:, None].expand(b, self.heads, n, n))
+        scores = (q @ k.transpose(-1, -2) + c2p) / (2 * (d // self.heads)) ** 0.5
+        return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_disentangled_attention_with_a_data_dependent_index_is_reported_not_densified(exporter):
+    torch.manual_seed(0)
+    inputs = {"x": torch.randn(2, 16, 32), "positions": torch.arange(16).repeat(2, 1)}
+    model = _export(_DataIndexedDisentangled(), inputs, exporter)
+    fused, report = api.fuse(model)
+    assert report.attention_layers == 1 and not report.all_fused, report.as_dict()
+    assert "computed from the input data" in report.layers[0].reason
+    assert _fused_ops(fused) == []  # not DenseAttention over a materialised position bias either
 
 
 def _reimplementation(name):

@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 
 # the family modules register themselves on import
-from . import (block_sparse, dense_attention, kernelized_attention, long_convolution, mixture_of_experts,
-               onnx_attention)
+from . import (block_sparse, dense_attention, disentangled_attention, kernelized_attention, long_convolution,
+               mixture_of_experts, onnx_attention)
 from .einsum import normalize_einsums
 from .framework import FAMILY_PASSES, NotFused, replace_all
 from .fusion_report import FusionReport, LayerResult, layer_name
@@ -16,7 +16,8 @@ from .long_convolution import LONG_TAPS
 from .probe import Probe
 from .softmax_core import NO_SCORE_PRODUCT, NO_VALUE_PRODUCT, find_core, softmax_nodes, value_product
 
-del block_sparse, dense_attention, kernelized_attention, long_convolution, mixture_of_experts, onnx_attention
+del (block_sparse, dense_attention, disentangled_attention, kernelized_attention, long_convolution, mixture_of_experts,
+     onnx_attention)
 
 
 def fuse_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
