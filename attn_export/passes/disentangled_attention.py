@@ -22,8 +22,8 @@ from onnx import helper
 
 from ..ops import DISENTANGLED_ATTENTION
 from ..ops.disentangled_attention import default_scale, log_bucket, log_denominator, relative_index
-from .framework import (LAYOUT_OPS, FamilyPass, Match, NotFused, closed_region, constant, find_output, register,
-                        run_nodes, scalar_value, unsqueeze_to_rank, verify_numerically)
+from .framework import (LAYOUT_OPS, FamilyPass, Match, NotFused, Rewrite, closed_region, constant, find_output,
+                        register, run_nodes, scalar_value, unsqueeze_to_rank, verify_numerically)
 from .graph import GraphIndex
 from .probe import Probe
 from .score_chain import CHAIN_OPS
@@ -191,21 +191,20 @@ def _table(index: GraphIndex, probe: Probe, tensor: str, heads: int, head_dim: i
         tensor = node.input[0]
 
 
-def _table_input(probe: Probe, tensor: str, per_head: bool, heads: int, head_dim: int, name: str):
-    """The op's [2*span, H*D] table from the graph's static table: (name, value per run, nodes, initializers)."""
+def _table_input(probe: Probe, tensor: str, per_head: bool, heads: int, head_dim: int, name: str,
+                 rewrite: Rewrite):
+    """The op's [2*span, H*D] table from the graph's static table: (name, value per run)."""
     value = np.asarray(probe.runs[0][tensor])
-    nodes, inits, source = [], [], tensor
+    source = tensor
     if per_head:  # [.., H, R, D] -> [R, H, D]
         value = value.reshape(heads, -1, head_dim).transpose(1, 0, 2)
-        inits.append(constant(f"{name}_heads", np.array([heads, -1, head_dim], np.int64)))
-        nodes += [helper.make_node("Reshape", [tensor, f"{name}_heads"], [f"{name}_split"], name=f"{name}/split"),
-                  helper.make_node("Transpose", [f"{name}_split"], [f"{name}_rows"], name=f"{name}/rows_first",
-                                   perm=[1, 0, 2])]
-        source = f"{name}_rows"
+        split = rewrite.node("Reshape", [tensor, rewrite.constant(f"{name}_heads", np.array(
+            [heads, -1, head_dim], np.int64))], f"{name}_split", name=f"{name}/split")
+        source = rewrite.node("Transpose", [split], f"{name}_rows", name=f"{name}/rows_first", perm=[1, 0, 2])
     value = np.ascontiguousarray(value.reshape(-1, heads * head_dim))
-    inits.append(constant(f"{name}_shape", np.array([-1, heads * head_dim], np.int64)))
-    nodes.append(helper.make_node("Reshape", [source, f"{name}_shape"], [name], name=f"{name}/reshape"))
-    return name, (lambda run: value), nodes, inits
+    rewrite.node("Reshape", [source, rewrite.constant(f"{name}_shape", np.array([-1, heads * head_dim], np.int64))],
+                 name, name=f"{name}/reshape")
+    return name, (lambda run: value)
 
 
 def _index_values(probe: Probe, gather: onnx.NodeProto, run: int) -> np.ndarray | None:
@@ -278,9 +277,9 @@ def _reads_relative_index(probe: Probe, gathers: list[tuple[onnx.NodeProto, bool
     return True
 
 
-def _bias(index: GraphIndex, probe: Probe, steps: list, sides: list[str], name: str):
+def _bias(index: GraphIndex, probe: Probe, steps: list, sides: list[str], name: str, rewrite: Rewrite):
     """The chain between the score sum and the softmax applied to a zero score (its layout steps dropped: a zero
-    has none), rank 4. Returns (scale factor of the chain, nodes, bias or None, initializers, values)."""
+    has none), rank 4, its nodes added to `rewrite`. Returns (scale factor of the chain, bias or None, values)."""
     factor, nodes = 1.0, []
     zero = f"{name}/zero_scores"
     carrier = zero
@@ -305,7 +304,7 @@ def _bias(index: GraphIndex, probe: Probe, steps: list, sides: list[str], name: 
         carrier = copy.output[0]
         nodes.append(copy)
     if not any(n.op_type in ("Add", "Sub", "Where") for n in nodes):
-        return factor, [], None, [], []
+        return factor, None, []
     dtype = np.asarray(probe.runs[0][steps[0][0].input[steps[0][1]]]).dtype
     inits = [constant(zero, np.zeros((), dtype))]
     values = [run_nodes(nodes, carrier, run, index.model.opset_import, inits) for run in probe.runs]
@@ -313,10 +312,11 @@ def _bias(index: GraphIndex, probe: Probe, steps: list, sides: list[str], name: 
     if rank > 4:
         raise NotFused(f"the score bias has rank {rank}, more than [B, H, Nq, Nk]")
     if _absent(index, nodes, sides, values):
-        return factor, [], None, [], []
-    rank_nodes, rank_inits, bias = unsqueeze_to_rank(carrier, rank, name)
-    values = [np.asarray(v).reshape((1,) * (4 - rank) + np.shape(v)) for v in values]
-    return factor, nodes + rank_nodes, bias, inits + rank_inits, values
+        return factor, None, []
+    rewrite.nodes.extend(nodes)
+    rewrite.initializers.extend(inits)
+    bias = unsqueeze_to_rank(carrier, rank, name, rewrite)
+    return factor, bias, [np.asarray(v).reshape((1,) * (4 - rank) + np.shape(v)) for v in values]
 
 
 def _absent(index: GraphIndex, nodes: list, sides: list[str], values: list) -> bool:
@@ -406,19 +406,18 @@ def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -
     for side in sides:
         if any(o in (q, k, v) for n in index.ancestors(side, stop=set()) for o in n.output):
             raise NotFused(f"the score bias '{side}' is computed from the queries, keys or values, not from a mask")
-    chain_factor, bias_nodes, bias, bias_inits, bias_values = _bias(index, probe, steps, sides, name)
+    rewrite = Rewrite()
+    chain_factor, bias, bias_values = _bias(index, probe, steps, sides, name, rewrite)
     scale *= chain_factor
     region_nodes = closed_region(index, [q, k, v, *sides], output)
 
-    new_nodes, new_inits, inputs, values = [], [], [q, k, v], [q, k, v]
+    inputs, values = [q, k, v], [q, k, v]
     for role in ("c2p", "p2c"):
         tensor, _, per_head_table, _ = rel.get(role, rel.get("p2c" if role == "c2p" else "c2p"))
-        t_name, t_value, t_nodes, t_inits = _table_input(probe, tensor, per_head_table, heads, head_dim,
-                                                         f"{name}/rel_{'key' if role == 'c2p' else 'query'}")
+        t_name, t_value = _table_input(probe, tensor, per_head_table, heads, head_dim,
+                                       f"{name}/rel_{'key' if role == 'c2p' else 'query'}", rewrite)
         inputs.append(t_name)
         values.append(t_value)
-        new_nodes += t_nodes
-        new_inits += t_inits
     terms_on = {"c2p": int("c2p" in rel), "p2c": int("p2c" in rel)}
     default = default_scale(head_dim, terms_on["c2p"], terms_on["p2c"])
     attrs = {"num_heads": heads, "span": span, "max_position": max_position,
@@ -429,12 +428,10 @@ def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -
         attrs["masked_rows"] = "zeros" if any(np.isneginf(b).any() for b in bias_values) else "mean"
         inputs.append(bias)
         values.append(lambda run: bias_values[run])
-        new_nodes += bias_nodes
-        new_inits += bias_inits
     why = verify_numerically(OP, probe, values, output, attrs)
     if why:
         raise NotFused(f"the op's reference does not reproduce the graph: {why}")
-    return Match(OP, name, inputs, output, attrs, region_nodes, new_inits, new_nodes)
+    return rewrite.match(OP, name, inputs, output, attrs, region_nodes)
 
 
 FAMILY = register(FamilyPass("disentangled_attention", 30, OP, candidates, match))
