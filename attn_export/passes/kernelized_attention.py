@@ -1,9 +1,10 @@
 """Fuse kernelized linear attention into KernelizedAttention.
 
 Positive random features (Performer FAVOR+). Anchor: a product of (scaled) queries or keys with a constant [D, M]
-feature matrix that feeds an Exp. The two such products of one layer (queries and keys, same matrix) bound the
-layer; causal or not, normalised or not and the stabiliser are settled by the numerical check against the op's
-reference.
+feature matrix (or its copies broadcast over batch and heads, as performer-pytorch repeats it) that feeds an Exp.
+The two such products of one layer (queries and keys, same matrix) bound the layer; causal or not, normalised or
+not, eps and the stabiliser are settled by the numerical check against the op's reference, at the probes and again
+with queries and keys scaled up, where eps decides the output and the stabilisers part.
 
 Identity features, no denominator (FLASH's global part): Q (K^T V), anchored on the outer product. Queries or keys
 made by an Exp are a feature map this form does not cover (a FAVOR+ layer the first form refused), so they are
@@ -16,14 +17,18 @@ from typing import NamedTuple
 import numpy as np
 
 from ..ops import KERNELIZED_ATTENTION
+from ..ops.kernelized_attention import STABILIZERS
 from .chunk_layout import ChunkLayout
 from .framework import (GATHER_OPS, FamilyPass, Match, NotFused, closed_region, constant, find_output, region,
-                        register, scalar_value, untransposed, verify_numerically, walk_to_boundary)
+                        register, run_subgraph, scalar_value, untransposed, verify_numerically,
+                        walk_to_boundary)
 from .graph import GraphIndex
 from .probe import Probe
 
 OP = KERNELIZED_ATTENTION
 EPS_CANDIDATES = (1e-6, 1e-4, 1e-3)
+# queries and keys times this: |x'|^2/2 grows 16-fold, so exp(-|x'|^2/2) falls below eps and the stabilisers part
+STRESS = 4.0
 
 
 def _feeds_exp(index: GraphIndex, tensor: str, depth: int = 4) -> bool:
@@ -36,14 +41,23 @@ def _feeds_exp(index: GraphIndex, tensor: str, depth: int = 4) -> bool:
     return False
 
 
+def feature_matrix(w) -> np.ndarray | None:
+    """The [D, M] matrix of a static feature operand: itself, or the one matrix every leading index repeats."""
+    if w is None or np.ndim(w) < 2:
+        return None
+    copies = np.reshape(w, (-1, *np.shape(w)[-2:]))
+    return copies[0] if (copies == copies[:1]).all() else None
+
+
 def feature_products(index: GraphIndex, probe: Probe):
-    """MatMul(x, W) with W a static 2-D matrix and x data, feeding an Exp: one per query/key feature map."""
+    """MatMul(x, W) with W a static [D, M] matrix (or its broadcast copies) and x data, feeding an Exp: one per
+    query/key feature map."""
     found = []
     for node in index.nodes:
         if node.op_type != "MatMul" or not index.is_static(node.input[1]) or index.is_static(node.input[0]):
             continue
-        w = probe.runs[0].get(node.input[1])
-        if w is not None and np.ndim(w) == 2 and _feeds_exp(index, node.output[0]):
+        w = feature_matrix(probe.runs[0].get(node.input[1]))
+        if w is not None and _feeds_exp(index, node.output[0]):
             found.append(node)
     return found
 
@@ -79,7 +93,7 @@ def _favor_candidates(index: GraphIndex, probe: Probe):
     for a, b in itertools.combinations(products, 2):
         if id(a) in used or id(b) in used:
             continue
-        wa, wb = probe.runs[0][a.input[1]], probe.runs[0][b.input[1]]
+        wa, wb = (feature_matrix(probe.runs[0][n.input[1]]) for n in (a, b))
         if wa.shape == wb.shape and np.array_equal(wa, wb):
             used.update((id(a), id(b)))
             yield (a, b)
@@ -89,7 +103,9 @@ def match(index: GraphIndex, probe: Probe, candidate, name: str) -> Match:
     if isinstance(candidate, StateProduct):
         return _match_identity(index, probe, candidate, name)
     a, b = candidate
-    (qa, fa, _), (qb, fb, _) = (walk_to_boundary(index, probe, n.input[0]) for n in candidate)
+    # through Slice too: performer-pytorch takes its global heads as x[:, :heads] (all of them here; a true subset
+    # fails the numerical check)
+    (qa, fa, _), (qb, fb, _) = (walk_to_boundary(index, probe, n.input[0], through={"Slice"}) for n in candidate)
     if qa == qb:
         raise NotFused("queries and keys are the same tensor")
     x_shape = probe.shape(a.input[0])
@@ -108,24 +124,42 @@ def match(index: GraphIndex, probe: Probe, candidate, name: str) -> Match:
     v = values.pop()
     nodes = closed_region(index, [qa, qb, v], output)
 
-    w = probe.runs[0][a.input[1]]  # x @ W with W [D, M]; the op takes the projection as [M, D]
+    w = feature_matrix(probe.runs[0][a.input[1]])  # x @ W with W [D, M]; the op takes the projection as [M, D]
     if w.shape[0] != head_dim:
         raise NotFused(f"feature matrix {w.shape} does not match head dim {head_dim}")
     projection = np.ascontiguousarray(w.T.astype(np.float32))
     region_scalars = {scalar_value(index, probe, i) for n in nodes for i in n.input}
     eps_values = sorted({e for e in region_scalars if e is not None and 0 < e <= 1e-2} | set(EPS_CANDIDATES))
-    why = "no candidate tried"
+    why, stressed_why = "no candidate tried", ""
     for (q, q_factor), (k, k_factor) in (((qa, fa), (qb, fb)), ((qb, fb), (qa, fa))):
         if not np.isclose(q_factor, k_factor):
             continue
-        for causal, normalize, eps in itertools.product((0, 1), (1, 0), eps_values):
+        for causal, normalize, eps, stabilizer in itertools.product((0, 1), (1, 0), eps_values, STABILIZERS):
+            if causal and stabilizer != "logits":
+                continue
             attrs = {"num_heads": heads, "feature_map": "favor_positive", "causal": causal, "normalize": normalize,
-                     "scale": float(q_factor) ** 2, "eps": float(eps)}
+                     "scale": float(q_factor) ** 2, "eps": float(eps), "stabilizer": stabilizer}
             why = verify_numerically(OP, probe, [q, k, v, lambda run: projection], output, attrs)
-            if not why:
+            if why:
+                continue
+            stressed_why = _verify_stressed(index, probe, q, k, v, projection, output, attrs)
+            if not stressed_why:
                 init = constant(f"{name}/projection", projection)
                 return Match(OP, name, [q, k, v, init.name], output, attrs, nodes, [init])
+    if stressed_why:
+        raise NotFused("the op's reference reproduces the graph at the probes but not with large-norm queries and "
+                       f"keys, where eps and the stabiliser decide: {stressed_why}")
     raise NotFused(f"the op's reference does not reproduce the graph: {why}")
+
+
+def _verify_stressed(index: GraphIndex, probe: Probe, q: str, k: str, v: str, projection: np.ndarray, output: str,
+                     attrs: dict) -> str:
+    """Empty when the op's reference still reproduces the layer with queries and keys STRESS times larger."""
+    values = probe.runs[0]
+    feeds = {q: values[q] * np.float32(STRESS), k: values[k] * np.float32(STRESS), v: values[v]}
+    expected = run_subgraph(index, feeds, output, values)
+    return verify_numerically(OP, probe, [lambda run: feeds[q], lambda run: feeds[k], lambda run: feeds[v],
+                                          lambda run: projection], lambda run: expected, attrs)
 
 
 def _match_identity(index: GraphIndex, probe: Probe, product: StateProduct, name: str) -> Match:
