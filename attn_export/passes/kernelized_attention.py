@@ -8,13 +8,16 @@ with queries and keys scaled up, where eps decides the output and the stabiliser
 
 Identity features, no denominator (FLASH's global part): Q (K^T V), anchored on the outer product. Queries or keys
 made by an Exp are a feature map this form does not cover (a FAVOR+ layer the first form refused), so they are
-left alone."""
+left alone. FLASH-pytorch spells it over groups [B, G, C, D]: per-group states summed over G, scaled by 1/n (a
+scalar computed from the shape), read by every group's queries; that is the same product over the ungrouped
+sequence, the scaling moved onto the queries."""
 from __future__ import annotations
 
 import itertools
 from typing import NamedTuple
 
 import numpy as np
+from onnx import helper
 
 from ..ops import KERNELIZED_ATTENTION
 from ..ops.kernelized_attention import STABILIZERS
@@ -80,11 +83,47 @@ def state_products(index: GraphIndex) -> list[StateProduct]:
     return found
 
 
+class GroupedStateProduct(NamedTuple):
+    """outer = MatMul(q, state), state = scalings and layouts of ReduceSum_G(MatMul(k^T, v)) over grouped tensors."""
+    outer: object
+    inner: object
+    scalings: tuple  # (Mul or Div, static scalar tensor) between the summed state and the outer product
+
+
+def _no_exp_before(index: GraphIndex, tensors) -> bool:
+    return not any(n.op_type == "Exp" for t in tensors for n in index.ancestors(t, set())[:8])
+
+
+def grouped_state_products(index: GraphIndex, probe: Probe) -> list[GroupedStateProduct]:
+    found = []
+    for outer in index.nodes:
+        if outer.op_type != "MatMul" or len(index.dynamic_inputs(outer)) != 2:
+            continue
+        tensor, scalings, summed = outer.input[1], [], False
+        while (node := index.producer.get(tensor)) is not None and len(index.dynamic_inputs(node)) == 1:
+            if node.op_type in ("Mul", "Div"):
+                other = next(i for i in node.input if i not in index.dynamic_inputs(node))
+                if (node.op_type == "Div" and node.input[0] == other) or np.size(probe.runs[0].get(other, [])) != 1:
+                    break
+                scalings.append((node.op_type, other))
+            elif node.op_type == "ReduceSum":
+                summed = True
+            elif node.op_type not in ("Unsqueeze", "Squeeze", "Reshape", "Identity"):
+                break
+            tensor = index.dynamic_inputs(node)[0]
+        inner = index.producer.get(tensor)
+        if summed and inner is not None and inner.op_type == "MatMul" and len(index.dynamic_inputs(inner)) == 2 \
+                and _no_exp_before(index, (outer.input[0], inner.input[0])):
+            found.append(GroupedStateProduct(outer, inner, tuple(scalings)))
+    return found
+
+
 def candidates(index: GraphIndex, probe: Probe):
     """Pairs of feature products sharing one feature matrix (by value), in graph order; then identity-feature state
-    products."""
+    products, direct and grouped."""
     yield from _favor_candidates(index, probe)
     yield from state_products(index)
+    yield from grouped_state_products(index, probe)
 
 
 def _favor_candidates(index: GraphIndex, probe: Probe):
@@ -102,6 +141,8 @@ def _favor_candidates(index: GraphIndex, probe: Probe):
 def match(index: GraphIndex, probe: Probe, candidate, name: str) -> Match:
     if isinstance(candidate, StateProduct):
         return _match_identity(index, probe, candidate, name)
+    if isinstance(candidate, GroupedStateProduct):
+        return _match_grouped(index, probe, candidate, name)
     a, b = candidate
     # through Slice too: performer-pytorch takes its global heads as x[:, :heads] (all of them here; a true subset
     # fails the numerical check)
@@ -174,6 +215,61 @@ def _match_identity(index: GraphIndex, probe: Probe, product: StateProduct, name
     if why:
         raise NotFused(f"the op's reference does not reproduce the graph: {why}")
     return Match(OP, name, inputs, op_output, attrs, nodes, new_inits, new_nodes)
+
+
+def _match_grouped(index: GraphIndex, probe: Probe, product: GroupedStateProduct, name: str) -> Match:
+    """Grouped q, k, v [B, G, C, D] reshaped (not moved) into the op's [B, G*C, D], one head; the state's scalings
+    applied to the queries; the op's [B, G*C, Dv] reshaped back to the graph's [B, G, C, Dv]."""
+    q, (kt, v), output = product.outer.input[0], product.inner.input, product.outer.output[0]
+    k, k_transposed = untransposed(index, probe, kt)
+    if k_transposed:
+        raise NotFused("the grouped key state is not a product of transposed keys and values")
+    runs = range(len(probe.runs))
+    shapes = {t: [probe.shape(t, run) for run in runs] for t in (q, k, v, output)}
+    if any(len(s) != 4 for ss in shapes.values() for s in ss):
+        raise NotFused(f"grouped linear attention expects [B, G, C, D] tensors, got {shapes[q][0]}")
+    if any(shapes[t][run][:3] != shapes[q][run][:3] for t in (k, v, output) for run in runs):
+        raise NotFused("grouped queries, keys, values and output differ in batch, groups or group size")
+    if len({s[2:] for s in shapes[output]}) != 1:
+        raise NotFused("the group size changes with the input")
+    scale = []
+    for run in runs:
+        factor = 1.0
+        for op_type, tensor in product.scalings:
+            value = np.asarray(probe.runs[run][tensor])
+            if not np.issubdtype(value.dtype, np.floating):
+                raise NotFused(f"the state's scaling '{tensor}' is not a float scalar")
+            factor *= float(value.reshape(())) if op_type == "Mul" else 1.0 / float(value.reshape(()))
+        scale.append(factor)
+    nodes = closed_region(index, [q, k, v], output)
+
+    new_nodes, inits = [], []
+    flat = constant(f"{name}/ungrouped_shape", np.array([0, -1, shapes[q][0][3]], np.int64))
+    flat_v = constant(f"{name}/ungrouped_value_shape", np.array([0, -1, shapes[v][0][3]], np.int64))
+    grouped = constant(f"{name}/grouped_shape", np.array([0, -1, *shapes[output][0][2:]], np.int64))
+    inits += [flat, flat_v, grouped]
+    inputs = []
+    for role, tensor, shape in (("query", q, flat), ("key", k, flat), ("value", v, flat_v)):
+        new_nodes.append(helper.make_node("Reshape", [tensor, shape.name], [f"{name}/{role}"], name=f"{name}/{role}"))
+        inputs.append(f"{name}/{role}")
+    for i, (op_type, tensor) in enumerate(product.scalings):  # 1/n of the state, moved onto the queries
+        scaled = f"{name}/query_scaled{i}"
+        new_nodes.append(helper.make_node(op_type, [inputs[0], tensor], [scaled], name=scaled))
+        inputs[0] = scaled
+    op_output = f"{name}/output"
+    new_nodes.append(helper.make_node("Reshape", [op_output, grouped.name], [output], name=f"{name}/regroup"))
+
+    def ungrouped(tensor, scaled=False):  # probe values as the op sees them
+        def value(run):
+            x = probe.runs[run][tensor]
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
+            return x * np.float32(scale[run]) if scaled else x
+        return value
+    attrs = {"num_heads": 1, "feature_map": "identity", "causal": 0, "normalize": 0}
+    why = verify_numerically(OP, probe, [ungrouped(q, True), ungrouped(k), ungrouped(v)], ungrouped(output), attrs)
+    if why:
+        raise NotFused(f"the op's reference does not reproduce the grouped linear attention: {why}")
+    return Match(OP, name, inputs, op_output, attrs, nodes, inits, new_nodes)
 
 
 FAMILY = register(FamilyPass("kernelized_attention", 20, OP, candidates, match, anchor=lambda pair: pair[0]))
