@@ -10,7 +10,9 @@ Identity features, no denominator (FLASH's global part): Q (K^T V), anchored on 
 made by an Exp are a feature map this form does not cover (a FAVOR+ layer the first form refused), so they are
 left alone. FLASH-pytorch spells it over groups [B, G, C, D]: per-group states summed over G, scaled by 1/n (a
 scalar computed from the shape), read by every group's queries; that is the same product over the ungrouped
-sequence, the scaling moved onto the queries."""
+sequence, the scaling moved onto the queries. Unsummed (reduce_group_non_causal_attn=False), each group reads its
+own scaled state: the op per group. Causal, each group reads an exclusive prefix of the group states: refused with
+that reason (the op's causal form is per token)."""
 from __future__ import annotations
 
 import itertools
@@ -84,37 +86,55 @@ def state_products(index: GraphIndex) -> list[StateProduct]:
 
 
 class GroupedStateProduct(NamedTuple):
-    """outer = MatMul(q, state), state = scalings and layouts of ReduceSum_G(MatMul(k^T, v)) over grouped tensors."""
+    """outer = MatMul(q, state), state = layouts and scalar scalings of MatMul(k^T, v) over grouped tensors, summed
+    over the groups (`summed`, FLASH-pytorch's default) or per group; `prefix`: a CumSum over the groups on the way
+    (FLASH's causal global part, each group reading earlier groups' states only)."""
     outer: object
     inner: object
-    scalings: tuple  # (Mul or Div, static scalar tensor) between the summed state and the outer product
+    scalings: tuple  # (Mul or Div, static scalar tensor) between the state and the outer product
+    summed: bool
+    prefix: bool
 
 
 def _no_exp_before(index: GraphIndex, tensors) -> bool:
     return not any(n.op_type == "Exp" for t in tensors for n in index.ancestors(t, set())[:8])
 
 
+def _walk_state(index: GraphIndex, probe: Probe, tensor: str):
+    """From an outer product's state operand up to its k^T v product: (inner or None, scalings, summed, prefix)."""
+    scalings, summed, prefix = [], False, False
+    while (node := index.producer.get(tensor)) is not None and len(index.dynamic_inputs(node)) == 1:
+        if node.op_type in ("Mul", "Div"):
+            other = next(i for i in node.input if i not in index.dynamic_inputs(node))
+            if (node.op_type == "Div" and node.input[0] == other) or np.size(probe.runs[0].get(other, [])) != 1:
+                break
+            scalings.append((node.op_type, other))
+        elif node.op_type in ("ReduceSum", "CumSum"):
+            summed, prefix = summed or node.op_type == "ReduceSum", prefix or node.op_type == "CumSum"
+        elif node.op_type not in ("Unsqueeze", "Squeeze", "Reshape", "Identity", "Transpose", "Pad"):
+            break
+        tensor = index.dynamic_inputs(node)[0]
+    inner = index.producer.get(tensor)
+    if inner is None or inner.op_type != "MatMul" or len(index.dynamic_inputs(inner)) != 2:
+        return None, (), False, False
+    return inner, tuple(scalings), summed, prefix
+
+
 def grouped_state_products(index: GraphIndex, probe: Probe) -> list[GroupedStateProduct]:
+    """State products that state_products does not see: scaled, summed over groups, or prefix-summed. The state is
+    outer.input[1] (q @ S); Einsum may also spell it S^T @ q^T, read only to refuse a prefix with its reason."""
     found = []
     for outer in index.nodes:
         if outer.op_type != "MatMul" or len(index.dynamic_inputs(outer)) != 2:
             continue
-        tensor, scalings, summed = outer.input[1], [], False
-        while (node := index.producer.get(tensor)) is not None and len(index.dynamic_inputs(node)) == 1:
-            if node.op_type in ("Mul", "Div"):
-                other = next(i for i in node.input if i not in index.dynamic_inputs(node))
-                if (node.op_type == "Div" and node.input[0] == other) or np.size(probe.runs[0].get(other, [])) != 1:
-                    break
-                scalings.append((node.op_type, other))
-            elif node.op_type == "ReduceSum":
-                summed = True
-            elif node.op_type not in ("Unsqueeze", "Squeeze", "Reshape", "Identity"):
-                break
-            tensor = index.dynamic_inputs(node)[0]
-        inner = index.producer.get(tensor)
-        if summed and inner is not None and inner.op_type == "MatMul" and len(index.dynamic_inputs(inner)) == 2 \
-                and _no_exp_before(index, (outer.input[0], inner.input[0])):
-            found.append(GroupedStateProduct(outer, inner, tuple(scalings)))
+        for side in (1, 0):
+            inner, scalings, summed, prefix = _walk_state(index, probe, outer.input[side])
+            plain = not (scalings or summed or prefix)  # q (k^T v) itself: state_products' candidate
+            if inner is None or plain or (side == 0 and not prefix):
+                continue
+            if _no_exp_before(index, (outer.input[1 - side], inner.input[0])):
+                found.append(GroupedStateProduct(outer, inner, scalings, summed, prefix))
+            break
     return found
 
 
@@ -140,6 +160,11 @@ def _favor_candidates(index: GraphIndex, probe: Probe):
 
 def match(index: GraphIndex, probe: Probe, candidate, name: str) -> Match:
     if isinstance(candidate, StateProduct):
+        return _match_identity(index, probe, candidate, name)
+    if isinstance(candidate, GroupedStateProduct) and candidate.prefix:
+        raise NotFused("causal over groups: each group's queries read the summed states of earlier groups only (its "
+                       "own group is the local part); KernelizedAttention's causal form is per token")
+    if isinstance(candidate, GroupedStateProduct) and not candidate.summed:  # one state per group: chunked layout
         return _match_identity(index, probe, candidate, name)
     if isinstance(candidate, GroupedStateProduct):
         return _match_grouped(index, probe, candidate, name)
@@ -203,12 +228,45 @@ def _verify_stressed(index: GraphIndex, probe: Probe, q: str, k: str, v: str, pr
                                           lambda run: projection], lambda run: expected, attrs)
 
 
-def _match_identity(index: GraphIndex, probe: Probe, product: StateProduct, name: str) -> Match:
+def _scale_per_run(probe: Probe, scalings) -> list[float]:
+    """The product of a state's scalings at each probe (1/n follows the shape, so it differs between probes)."""
+    scale = []
+    for run in range(len(probe.runs)):
+        factor = 1.0
+        for op_type, tensor in scalings:
+            value = np.asarray(probe.runs[run][tensor])
+            if not np.issubdtype(value.dtype, np.floating):
+                raise NotFused(f"the state's scaling '{tensor}' is not a float scalar")
+            factor *= float(value.reshape(())) if op_type == "Mul" else 1.0 / float(value.reshape(()))
+        scale.append(factor)
+    return scale
+
+
+def _scaled_query(probe: Probe, query: str, value, scalings, scale: list[float], name: str):
+    """The state's scalings moved onto the op's query: (new query name, its value per run, new nodes)."""
+    nodes = []
+    for i, (op_type, tensor) in enumerate(scalings):
+        scaled = f"{name}/query_scaled{i}"
+        nodes.append(helper.make_node(op_type, [query, tensor], [scaled], name=scaled))
+        query = scaled
+
+    def scaled_value(run):
+        x = value(run) if callable(value) else probe.runs[run][value]
+        return x * np.float32(scale[run])
+    return query, scaled_value, nodes
+
+
+def _match_identity(index: GraphIndex, probe: Probe, product: StateProduct | GroupedStateProduct, name: str) -> Match:
     q, (kt, v), output = product.outer.input[0], product.inner.input, product.outer.output[0]
     k, k_transposed = untransposed(index, probe, kt)
+    scalings = getattr(product, "scalings", ())
+    scale = _scale_per_run(probe, scalings)
     layout = ChunkLayout.of(probe, q)
     inputs, values, op_output, expected, new_nodes, new_inits = layout.qkv_into_op(probe, q, k, v, output, name,
                                                                                    k_transposed)
+    if scalings:
+        inputs[0], values[0], scaling_nodes = _scaled_query(probe, inputs[0], values[0], scalings, scale, name)
+        new_nodes = new_nodes + scaling_nodes
     nodes = closed_region(index, [q, k, v], output)
     attrs = {"num_heads": layout.heads, "feature_map": "identity", "causal": 0, "normalize": 0}
     why = verify_numerically(OP, probe, values, expected, attrs)
@@ -232,15 +290,7 @@ def _match_grouped(index: GraphIndex, probe: Probe, product: GroupedStateProduct
         raise NotFused("grouped queries, keys, values and output differ in batch, groups or group size")
     if len({s[2:] for s in shapes[output]}) != 1:
         raise NotFused("the group size changes with the input")
-    scale = []
-    for run in runs:
-        factor = 1.0
-        for op_type, tensor in product.scalings:
-            value = np.asarray(probe.runs[run][tensor])
-            if not np.issubdtype(value.dtype, np.floating):
-                raise NotFused(f"the state's scaling '{tensor}' is not a float scalar")
-            factor *= float(value.reshape(())) if op_type == "Mul" else 1.0 / float(value.reshape(()))
-        scale.append(factor)
+    scale = _scale_per_run(probe, product.scalings)
     nodes = closed_region(index, [q, k, v], output)
 
     new_nodes, inits = [], []
@@ -252,21 +302,19 @@ def _match_grouped(index: GraphIndex, probe: Probe, product: GroupedStateProduct
     for role, tensor, shape in (("query", q, flat), ("key", k, flat), ("value", v, flat_v)):
         new_nodes.append(helper.make_node("Reshape", [tensor, shape.name], [f"{name}/{role}"], name=f"{name}/{role}"))
         inputs.append(f"{name}/{role}")
-    for i, (op_type, tensor) in enumerate(product.scalings):  # 1/n of the state, moved onto the queries
-        scaled = f"{name}/query_scaled{i}"
-        new_nodes.append(helper.make_node(op_type, [inputs[0], tensor], [scaled], name=scaled))
-        inputs[0] = scaled
     op_output = f"{name}/output"
     new_nodes.append(helper.make_node("Reshape", [op_output, grouped.name], [output], name=f"{name}/regroup"))
 
-    def ungrouped(tensor, scaled=False):  # probe values as the op sees them
+    def ungrouped(tensor):  # probe values as the op sees them
         def value(run):
             x = probe.runs[run][tensor]
-            x = x.reshape(x.shape[0], -1, x.shape[-1])
-            return x * np.float32(scale[run]) if scaled else x
+            return x.reshape(x.shape[0], -1, x.shape[-1])
         return value
+    values = [ungrouped(q), ungrouped(k), ungrouped(v)]
+    inputs[0], values[0], scaling_nodes = _scaled_query(probe, inputs[0], values[0], product.scalings, scale, name)
+    new_nodes += scaling_nodes  # 1/n of the state, moved onto the queries
     attrs = {"num_heads": 1, "feature_map": "identity", "causal": 0, "normalize": 0}
-    why = verify_numerically(OP, probe, [ungrouped(q, True), ungrouped(k), ungrouped(v)], ungrouped(output), attrs)
+    why = verify_numerically(OP, probe, values, ungrouped(output), attrs)
     if why:
         raise NotFused(f"the op's reference does not reproduce the grouped linear attention: {why}")
     return Match(OP, name, inputs, op_output, attrs, nodes, inits, new_nodes)
