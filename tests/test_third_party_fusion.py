@@ -247,6 +247,40 @@ def test_flash_pytorch_padded_groups_fuse():
             np.testing.assert_allclose(value, module(torch.from_numpy(x)).detach().numpy(), atol=1e-4, rtol=1e-3)
 
 
+def test_flash_pytorch_per_group_global_part_fuses():
+    """reduce_group_non_causal_attn=False: each group's queries read only their own group's state (scaled by 1/n):
+    the op run per group."""
+    flash_pytorch = pytest.importorskip("flash_pytorch")
+    torch.manual_seed(0)
+    module = flash_pytorch.FLASH(dim=32, group_size=16, query_key_dim=16, reduce_group_non_causal_attn=False)
+    model = _export(module, {"x": torch.randn(2, 32, 32)}, "dynamo", lengths=(32, 64))
+    fused, report = api.fuse(model)
+    assert report.all_fused and _fused_ops(fused) == ["DenseAttention", "KernelizedAttention"], report.as_dict()
+    x = np.random.default_rng(5).standard_normal((2, 48, 32)).astype(np.float32)
+    want, got = (OnnxRuntimeRunner(m, tag).run({"x": x}) for m, tag in ((model, "reference"), (fused, "fused")))
+    for name_, value in want.items():
+        np.testing.assert_allclose(got[name_], value, atol=1e-4, rtol=1e-3)
+
+
+def test_flash_pytorch_causal_global_part_is_refused_with_its_reason(capsys, tmp_path):
+    """causal=True: each group reads an exclusive prefix of the group states, not the op's per-token causal form.
+    The local relu^2 part still fuses; the global part is reported with that reason and --strict fails."""
+    flash_pytorch = pytest.importorskip("flash_pytorch")
+    torch.manual_seed(0)
+    module = flash_pytorch.FLASH(dim=32, group_size=16, query_key_dim=16, causal=True)
+    model = _export(module, {"x": torch.randn(2, 32, 32)}, "dynamo", lengths=(32, 64))
+    fused, report = api.fuse(model)
+    assert not report.all_fused and _fused_ops(fused) == ["DenseAttention"]
+    assert "causal over groups" in report.layers[0].reason, report.as_dict()
+    onnx.save(model, tmp_path / "model.onnx")
+    code, out, _ = run(capsys, "fuse", tmp_path / "model.onnx", "-o", tmp_path / "fused.onnx", "--strict")
+    assert code == 1 and "causal over groups" in out
+    x = np.random.default_rng(6).standard_normal((2, 48, 32)).astype(np.float32)
+    want, got = (OnnxRuntimeRunner(m, tag).run({"x": x}) for m, tag in ((model, "reference"), (fused, "fused")))
+    for name_, value in want.items():
+        np.testing.assert_allclose(got[name_], value, atol=1e-4, rtol=1e-3)
+
+
 def test_performer_pytorch_causal_is_refused_with_its_reason():
     """performer-pytorch's causal path (without fast_transformers) loops over torch.chunk in Python: TorchScript
     writes a SplitToSequence that onnxruntime refuses, so fuse stops with that reason (exit 2), never a silent
