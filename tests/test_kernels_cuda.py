@@ -323,6 +323,16 @@ def test_kernelized_attention(case, dtype):
     check("KernelizedAttention", (q, k, v, projection), attrs, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("d, norm", [(64, 1.0), (64, 4.0), (48, 4.0)], ids=str)  # tensor-core and CUDA-core paths
+def test_kernelized_attention_projection_stabilizer(d, norm, dtype):
+    """performer-pytorch's shift (max of W x'): large norms, where eps decides phi(q), must follow the reference."""
+    q, k = (norm * rand(2, 150, 2 * d, dtype=dtype) for _ in range(2))
+    v, projection = rand(2, 150, 2 * d, dtype=dtype), rand(96, d, dtype=dtype)
+    attrs = {"num_heads": 2, "feature_map": "favor_positive", "eps": 1e-4, "stabilizer": "projection"}
+    check("KernelizedAttention", (q, k, v, projection), attrs, dtype)
+
+
 # ---- DisentangledAttention -----------------------------------------------------------------------------------
 DEBERTA = [  # batch, heads, seq_len, head_dim, span, max_position (seq_len < max_position: see relative_index)
     (1, 4, 200, 64, 64, 512),

@@ -138,6 +138,35 @@ def test_linear_decomposition_matches_reference(causal, feature_map, n):
     np.testing.assert_allclose(got, expected, atol=1e-4 * max(1.0, np.abs(expected).max()), rtol=1e-4)
 
 
+@pytest.mark.parametrize("norm", [1.0, 6.0])
+def test_linear_projection_stabilizer_matches_its_definition(norm):
+    """stabilizer=projection: the shift is the max of W x' alone (queries per token, keys over every position), so
+    the query's exp term keeps exp(-|x'|^2/2) and eps takes over large-norm queries; the decomposition agrees."""
+    heads, d, m, eps = 2, 8, 16, 1e-4
+    q, k = (torch.randn(2, 30, heads * d) * norm for _ in range(2))
+    v, w = torch.randn(2, 30, heads * d), torch.randn(m, d)
+    attrs = dict(num_heads=heads, eps=eps, stabilizer="projection")
+    got = LIN.reference(q, k, v, w, **attrs)
+    x_q, x_k, v_h = (t.reshape(2, 30, heads, d).transpose(1, 2) * d ** -0.25 for t in (q, k, v))
+    v_h = v_h * d ** 0.25
+    proj_q, proj_k = x_q @ w.t(), x_k @ w.t()
+    phi_q = torch.exp(proj_q - (x_q ** 2).sum(-1, keepdim=True) / 2 - proj_q.amax(-1, keepdim=True)) + eps
+    phi_k = torch.exp(proj_k - (x_k ** 2).sum(-1, keepdim=True) / 2 - proj_k.amax((-2, -1), keepdim=True)) + eps
+    a = phi_q @ phi_k.transpose(-1, -2)
+    want = (a @ v_h / a.sum(-1, keepdim=True)).transpose(1, 2).reshape(2, 30, heads * d)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    logits = LIN.reference(q, k, v, w, num_heads=heads, eps=eps)
+    assert (got - logits).abs().max() > (1e-2 if norm > 1 else 0)  # the stabilisers part where eps matters
+    onnx_got = run_single_op(LIN, attrs, [q.numpy(), k.numpy(), v.numpy(), w.numpy()])
+    np.testing.assert_allclose(onnx_got, got.numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_linear_projection_stabilizer_is_non_causal_only():
+    q = torch.randn(1, 4, 8)
+    with pytest.raises(ValueError, match="causal=0 only"):
+        LIN.reference(q, q, q, torch.randn(6, 8), causal=1, stabilizer="projection")
+
+
 def test_linear_causal_ignores_future_tokens():
     q, k, v = (torch.randn(1, 20, 8) for _ in range(3))
     w = torch.randn(16, 8)

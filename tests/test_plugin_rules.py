@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from attn_export.ops import OPS
+from attn_export.ops.kernelized_attention import STABILIZERS
 from attn_export.plugin_contracts import STRING_OPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +116,8 @@ def test_every_field_round_trips_through_serialization(harness, op):
     for i, a in enumerate(contract.attributes):
         if a.kind == "int":
             flags = {"causal": 1, "normalize": 0, "logits_input": 1, "count_repeats": 1, "c2p": 0, "p2c": 0}
+            if op == "KernelizedAttention":  # its last stabilizer (projection) is non-causal only; causal=1 is
+                flags["causal"] = 0          # round-tripped by test_params_and_output_shape
             value = flags.get(a.name, a.default + 3 + i)  # 0/1 flags flip
             fields[a.name], expected[a.name] = f"int32:{value}", str(value)
         elif a.kind == "float":
@@ -146,6 +149,7 @@ def test_field_types_the_parser_may_send(harness):
     ("BlockSparseAttention", "heads", "int32:4", "unknown field 'heads'"),
     ("KernelizedAttention", "feature_map", "char0:softmax", "is not one of: favor_positive, elu_plus_one, identity"),
     ("KernelizedAttention", "feature_map", "int32:1", "needs characters"),
+    ("KernelizedAttention", "stabilizer", "char0:amax", "is not one of: logits, projection"),
     ("MixtureOfExperts", "activation", "char0:swish", "is not one of: relu, gelu"),
     ("DenseAttention", "score_fn", "char0:relu", "'score_fn' (string) = 'relu' is not one of: softmax, relu_squared"),
     ("DenseAttention", "score_fn", "int32:1", "needs characters"),
@@ -164,6 +168,8 @@ def test_bad_fields_are_refused(harness, op, field, spec, message):
     ("DenseAttention", {"logits_input": "int32:2"}, "logits_input must be 0 or 1"),
     ("KernelizedAttention", {"normalize": "int32:-1"}, "normalize must be 0 or 1"),
     ("KernelizedAttention", {"eps": "float32:-1"}, "eps must not be negative"),
+    ("KernelizedAttention", {"causal": "int32:1", "stabilizer": "char0:projection"},
+     "stabilizer projection is defined for causal=0 only"),
     ("DisentangledAttention", {"span": "int32:0"}, "span must be at least 1"),
     ("DisentangledAttention", {"span": "int32:1"}, "need span >= 2"),
     ("DisentangledAttention", {"max_position": "int32:-2"}, "max_position must not be negative"),
@@ -366,3 +372,12 @@ def test_new_optional_inputs_and_fields_reach_the_params(harness):
     padding = harness("DisentangledAttention", {"span": "int32:4"},
                       [(2, 6, 8), (2, 6, 8), (2, 6, 8), (8, 8), (8, 8), (2, 1, 1, 6)])
     assert "error" not in padding and padding["params"]["bias_rows"] == 1
+
+
+def test_kernelized_stabilizer_reaches_the_params(harness):
+    """stabilizer projection (performer-pytorch's shift) arrives as its STABILIZERS code; logits is the default."""
+    shapes = [(2, 9, 16), (2, 9, 16), (2, 9, 20), (6, 8)]
+    projection = harness("KernelizedAttention", {"num_heads": "int32:2", "stabilizer": "char0:projection"}, shapes)
+    assert "error" not in projection, projection.get("error")
+    assert projection["params"]["stabilizer"] == STABILIZERS.index("projection")
+    assert harness("KernelizedAttention", {"num_heads": "int32:2"}, shapes)["params"]["stabilizer"] == 0

@@ -2,6 +2,9 @@
 from re-implementations on PyPI, and attention spelled as research code spells it (Einsum, masked_fill with finite
 fills). Each either fuses with parity on padded and fully masked rows, or is reported per model layer, never
 skipped."""
+import inspect
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -9,6 +12,7 @@ import torch
 
 from attn_export import api
 from attn_export.backends import OnnxRuntimeRunner
+from attn_export.errors import UserError
 from attn_export.export import export_onnx
 from attn_export.passes.probe import padding_mask
 from conftest import run_cli as run
@@ -271,12 +275,99 @@ def test_einsum_written_reimplementations_are_never_missed(name, exporter, capsy
     if name == "gau":  # relu^2 over the whole sequence, its 1/N folded into the query: the op's relu^2 form
         assert report.all_fused and _fused_ops(fused) == ["DenseAttention"], report.as_dict()
         assert report.layers[0].attributes["score_fn"] == "relu_squared"
+    if name == "performer":  # FAVOR+ with performer-pytorch's own eps and shift (the max of W x', not of the logits)
+        assert report.all_fused and _fused_ops(fused) == ["KernelizedAttention"], report.as_dict()
+        assert [layer.name for layer in report.layers] == ["inner.fast_attention"]
+        attrs = report.layers[0].attributes
+        eps = inspect.signature(sys.modules["performer_pytorch.performer_pytorch"].softmax_kernel).parameters["eps"]
+        assert (attrs["feature_map"], attrs["stabilizer"], attrs["causal"], attrs["normalize"]) == (
+            "favor_positive", "projection", 0, 1)
+        assert attrs["eps"] == pytest.approx(eps.default) and attrs["scale"] == pytest.approx(16 ** -0.5)
+    if name == "flash":  # local relu^2 within groups, and the global Q (K^T V) / n over the grouped sequence
+        assert report.all_fused and _fused_ops(fused) == ["DenseAttention", "KernelizedAttention"], report.as_dict()
+        parts = {part.op: part.attributes for part in report.layers[0].parts}
+        assert parts["DenseAttention"]["score_fn"] == "relu_squared"
+        assert (parts["KernelizedAttention"]["feature_map"], parts["KernelizedAttention"]["normalize"]) == (
+            "identity", 0)
     if not report.all_fused:  # what is left is reported with a reason, so --strict fails on it
         assert all(layer.reason for layer in report.layers if layer.status != "fused")
-        onnx.save(model, tmp_path / "model.onnx")
-        code, out, _ = run(capsys, "fuse", tmp_path / "model.onnx", "-o", tmp_path / "fused.onnx", "--strict")
-        assert code == 1 and "not fused" in out
-    got = OnnxRuntimeRunner(fused, "fused").run({"x": np.ones((1, 32, 32), np.float32)})
-    want = OnnxRuntimeRunner(model, "reference").run({"x": np.ones((1, 32, 32), np.float32)})
+    onnx.save(model, tmp_path / "model.onnx")
+    code, out, _ = run(capsys, "fuse", tmp_path / "model.onnx", "-o", tmp_path / "fused.onnx", "--strict")
+    assert code == (0 if report.all_fused else 1), out
+    assert report.all_fused or "not fused" in out
+    # ones, random rows at another length, and for FAVOR+ large norms, where its eps and shift decide the output
+    rng = np.random.default_rng(3)
+    feeds = [np.ones((1, 32, 32)), rng.standard_normal((2, 48, 32))]
+    for x in feeds + ([30 * rng.standard_normal((2, 32, 32))] if name == "performer" else []):
+        got = OnnxRuntimeRunner(fused, "fused").run({"x": x.astype(np.float32)})
+        want = OnnxRuntimeRunner(model, "reference").run({"x": x.astype(np.float32)})
+        for name_, value in want.items():
+            np.testing.assert_allclose(got[name_], value, atol=1e-4, rtol=1e-3)
+
+
+def test_flash_pytorch_padded_groups_fuse():
+    """A length that is not a multiple of the group size: FLASH-pytorch zero-pads q, k, v inside the graph and
+    divides the global state by the unpadded n; both parts still fuse, with parity at lengths that pad."""
+    module = _reimplementation("flash")
+    model = _export(module, {"x": torch.randn(2, 40, 32)}, "dynamo", lengths=(40, 56))
+    assert "Pad" in {n.op_type for n in model.graph.node}
+    fused, report = api.fuse(model)
+    assert report.all_fused and _fused_ops(fused) == ["DenseAttention", "KernelizedAttention"], report.as_dict()
+    for n in (40, 23):
+        x = np.random.default_rng(n).standard_normal((2, n, 32)).astype(np.float32)
+        want = OnnxRuntimeRunner(model, "reference").run({"x": x})
+        got = OnnxRuntimeRunner(fused, "fused").run({"x": x})
+        for name_, value in want.items():
+            np.testing.assert_allclose(got[name_], value, atol=1e-4, rtol=1e-3)
+            np.testing.assert_allclose(value, module(torch.from_numpy(x)).detach().numpy(), atol=1e-4, rtol=1e-3)
+
+
+def test_flash_pytorch_per_group_global_part_fuses():
+    """reduce_group_non_causal_attn=False: each group's queries read only their own group's state (scaled by 1/n):
+    the op run per group."""
+    flash_pytorch = pytest.importorskip("flash_pytorch")
+    torch.manual_seed(0)
+    module = flash_pytorch.FLASH(dim=32, group_size=16, query_key_dim=16, reduce_group_non_causal_attn=False)
+    model = _export(module, {"x": torch.randn(2, 32, 32)}, "dynamo", lengths=(32, 64))
+    fused, report = api.fuse(model)
+    assert report.all_fused and _fused_ops(fused) == ["DenseAttention", "KernelizedAttention"], report.as_dict()
+    x = np.random.default_rng(5).standard_normal((2, 48, 32)).astype(np.float32)
+    want, got = (OnnxRuntimeRunner(m, tag).run({"x": x}) for m, tag in ((model, "reference"), (fused, "fused")))
     for name_, value in want.items():
         np.testing.assert_allclose(got[name_], value, atol=1e-4, rtol=1e-3)
+
+
+def test_flash_pytorch_causal_global_part_is_refused_with_its_reason(capsys, tmp_path):
+    """causal=True: each group reads an exclusive prefix of the group states, not the op's per-token causal form.
+    The local relu^2 part still fuses; the global part is reported with that reason and --strict fails."""
+    flash_pytorch = pytest.importorskip("flash_pytorch")
+    torch.manual_seed(0)
+    module = flash_pytorch.FLASH(dim=32, group_size=16, query_key_dim=16, causal=True)
+    model = _export(module, {"x": torch.randn(2, 32, 32)}, "dynamo", lengths=(32, 64))
+    fused, report = api.fuse(model)
+    assert not report.all_fused and _fused_ops(fused) == ["DenseAttention"]
+    assert "causal over groups" in report.layers[0].reason, report.as_dict()
+    onnx.save(model, tmp_path / "model.onnx")
+    code, out, _ = run(capsys, "fuse", tmp_path / "model.onnx", "-o", tmp_path / "fused.onnx", "--strict")
+    assert code == 1 and "causal over groups" in out
+    x = np.random.default_rng(6).standard_normal((2, 48, 32)).astype(np.float32)
+    want, got = (OnnxRuntimeRunner(m, tag).run({"x": x}) for m, tag in ((model, "reference"), (fused, "fused")))
+    for name_, value in want.items():
+        np.testing.assert_allclose(got[name_], value, atol=1e-4, rtol=1e-3)
+
+
+def test_performer_pytorch_causal_is_refused_with_its_reason():
+    """performer-pytorch's causal path (without fast_transformers) loops over torch.chunk in Python: TorchScript
+    writes a SplitToSequence that onnxruntime refuses, so fuse stops with that reason (exit 2), never a silent
+    pass-through. Should an exporter fix the graph, the layer must still be fused or reported."""
+    performer_pytorch = pytest.importorskip("performer_pytorch")
+    torch.manual_seed(0)
+    module = performer_pytorch.SelfAttention(dim=32, heads=2, dim_head=16, nb_features=24, causal=True)
+    model = _export(module, {"x": torch.randn(2, 32, 32)}, "torchscript", lengths=(32, 64))
+    try:
+        _, report = api.fuse(model)
+    except UserError as e:
+        assert "cannot run the graph on onnxruntime" in str(e)
+        return
+    assert report.attention_layers >= 1
+    assert all(layer.reason for layer in report.layers if layer.status != "fused"), report.as_dict()

@@ -9,9 +9,12 @@ Feature maps (`feature_map`):
   favor_positive  Performer FAVOR+ positive random features with projection W [M, D] (input 4):
                   x' = x * sqrt(scale) (scale 0 means 1/sqrt(D)),
                   phi(x) = M^-1/2 * (exp(W x' - |x'|^2/2 - c) + eps).
-                  Queries use c = max over features per token. Keys use c = max over features and positions per
-                  (batch, head) when non-causal; when causal, c = max_r |w_r|^2 / 2 (a bound on W x' - |x'|^2/2 that
-                  never reads future tokens). Shifts cancel in the normalised output except through eps.
+                  `stabilizer` names what c is the max of: logits (W x' - |x'|^2/2) or projection (W x' alone, as
+                  performer-pytorch subtracts). Queries use c = max over features per token. Keys use c = max over
+                  features and positions per (batch, head) when non-causal; when causal (logits only), c =
+                  max_r |w_r|^2 / 2 (a bound on W x' - |x'|^2/2 that never reads future tokens). Shifts cancel in the
+                  normalised output except through eps, and there the two stabilisers differ: with projection the
+                  query's exp term carries exp(-|x'|^2/2), so eps dominates large-norm queries.
   elu_plus_one    phi(x) = elu(x) + 1
   identity        phi(x) = x
 """
@@ -27,10 +30,18 @@ from .onnx_builder import OnnxBuilder
 
 FLOATS = ("float32", "float16", "bfloat16")
 FEATURE_MAPS = ("favor_positive", "elu_plus_one", "identity")
+STABILIZERS = ("logits", "projection")
 CHUNK = 64  # causal prefix chunk used by the decomposition; the result does not depend on it
 
 
-def feature_maps(q, k, projection, feature_map, scale, eps, causal):
+def _check_stabilizer(stabilizer, causal):
+    if stabilizer not in STABILIZERS:
+        raise ValueError(f"unknown stabilizer {stabilizer!r}")
+    if causal and stabilizer != "logits":  # a max over positions would read future keys
+        raise ValueError("stabilizer 'projection' is defined for causal=0 only")
+
+
+def feature_maps(q, k, projection, feature_map, scale, eps, causal, stabilizer="logits"):
     """phi(q), phi(k) for [B, H, N, D] inputs, computed in float32."""
     q, k = q.float(), k.float()
     if feature_map == "identity":
@@ -39,24 +50,27 @@ def feature_maps(q, k, projection, feature_map, scale, eps, causal):
         return torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
     if feature_map != "favor_positive":
         raise ValueError(f"unknown feature_map {feature_map!r}")
+    _check_stabilizer(stabilizer, causal)
     w = projection.float()
     d, m = q.shape[-1], w.shape[0]
     root_scale = math.sqrt(scale or 1.0 / math.sqrt(d))
 
-    def logits(x):
+    def logits(x):  # (W x' - |x'|^2/2, W x')
         x = x * root_scale
-        return x @ w.t() - (x * x).sum(-1, keepdim=True) / 2
+        projected = x @ w.t()
+        return projected - (x * x).sum(-1, keepdim=True) / 2, projected
 
-    lq, lk = logits(q), logits(k)
-    cq = lq.amax(-1, keepdim=True)
-    ck = (w * w).sum(-1).max() / 2 if causal else lk.amax((-2, -1), keepdim=True)
+    (lq, pq), (lk, pk) = logits(q), logits(k)
+    sq, sk = (lq, lk) if stabilizer == "logits" else (pq, pk)
+    cq = sq.amax(-1, keepdim=True)
+    ck = (w * w).sum(-1).max() / 2 if causal else sk.amax((-2, -1), keepdim=True)
     return (torch.exp(lq - cq) + eps) / math.sqrt(m), (torch.exp(lk - ck) + eps) / math.sqrt(m)
 
 
 def reference(query, key, value, projection=None, *, num_heads=1, feature_map="favor_positive", causal=0,
-              normalize=1, scale=0.0, eps=1e-6):
+              normalize=1, scale=0.0, eps=1e-6, stabilizer="logits"):
     q, k, v = (split_heads(t, num_heads) for t in (query, key, value))
-    phi_q, phi_k = feature_maps(q, k, projection, feature_map, scale, eps, causal)
+    phi_q, phi_k = feature_maps(q, k, projection, feature_map, scale, eps, causal, stabilizer)
     v = v.float()
     if causal:  # plain masked quadratic form: the definition, not the fast path
         a = (phi_q @ phi_k.transpose(-1, -2)).tril()
@@ -99,6 +113,7 @@ def _features(b: OnnxBuilder, q: str, k: str, projection: str, attrs: dict):
         return b.op("Add", b.op("Elu", q), one), b.op("Add", b.op("Elu", k), one)
     if fmap != "favor_positive":
         raise ValueError(f"unknown feature_map {fmap!r}")
+    _check_stabilizer(attrs["stabilizer"], attrs["causal"])
     w = b.op("Cast", projection, to=1)  # [M, D]
     m = b.op("Cast", b.dim(b.op("Shape", w), 0), to=1)
     if attrs["scale"]:
@@ -109,16 +124,18 @@ def _features(b: OnnxBuilder, q: str, k: str, projection: str, attrs: dict):
     w_t = b.op("Transpose", w, perm=[1, 0])
     half = b.const(0.5, np.float32)
 
-    def logits(x):
+    def logits(x):  # (W x' - |x'|^2/2, W x')
         x = b.op("Mul", x, root_scale)
-        return b.op("Sub", b.op("MatMul", x, w_t), b.op("Mul", b.reduce("ReduceSum", b.op("Mul", x, x), [-1]), half))
+        projected = b.op("MatMul", x, w_t)
+        return b.op("Sub", projected, b.op("Mul", b.reduce("ReduceSum", b.op("Mul", x, x), [-1]), half)), projected
 
-    lq, lk = logits(q), logits(k)
-    cq = b.reduce("ReduceMax", lq, [-1])
+    (lq, pq), (lk, pk) = logits(q), logits(k)
+    sq, sk = (lq, lk) if attrs["stabilizer"] == "logits" else (pq, pk)
+    cq = b.reduce("ReduceMax", sq, [-1])
     if attrs["causal"]:
         ck = b.op("Mul", b.reduce("ReduceMax", b.reduce("ReduceSum", b.op("Mul", w, w), [-1]), [0], keepdims=0), half)
     else:
-        ck = b.reduce("ReduceMax", lk, [-2, -1])
+        ck = b.reduce("ReduceMax", sk, [-2, -1])
     eps = b.const(attrs["eps"], np.float32)
     norm = b.op("Sqrt", m)
     phi_q = b.op("Div", b.op("Add", b.op("Exp", b.op("Sub", lq, cq)), eps), norm)
@@ -181,6 +198,8 @@ CONTRACT = OpContract(
         Attribute("normalize", "int", 1, "1: divide by phi(q) . sum phi(k)"),
         Attribute("scale", "float", 0.0, "favor_positive softmax temperature; 0 means 1/sqrt(D)"),
         Attribute("eps", "float", 1e-6, "favor_positive feature stabiliser added after exp"),
+        Attribute("stabilizer", "string", "logits", "favor_positive: what the subtracted max is taken of, one of "
+                  + ", ".join(STABILIZERS) + " (projection: causal=0 only)", options=STABILIZERS),
     ),
     reference=reference,
     decompose=decompose,

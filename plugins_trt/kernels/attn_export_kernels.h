@@ -93,6 +93,9 @@ struct DenseAttentionParams {
 // KernelizedAttention (attn_export/ops/kernelized_attention.py)
 // The codes of `feature_map`, in the order of kernelized_attention.FEATURE_MAPS.
 enum class FeatureMap : int32_t { kFavorPositive = 0, kEluPlusOne = 1, kIdentity = 2 };
+// The codes of `stabilizer` (kernelized_attention.STABILIZERS): the favor shift is the max of the logits
+// W x' - |x'|^2/2 or of the projection W x' alone (performer-pytorch; causal=0 only).
+enum class Stabilizer : int32_t { kLogits = 0, kProjection = 1 };
 
 struct KernelizedAttentionParams {
   const void* query;           // [batch, seq_len, num_heads * head_dim]
@@ -111,6 +114,7 @@ struct KernelizedAttentionParams {
   int32_t normalize;
   float scale;                 // favor_positive temperature; 0 means 1/sqrt(head_dim)
   float eps;
+  int32_t stabilizer;          // enum Stabilizer (favor_positive only)
 };
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@
 //
 //   non-causal  1. key_state: blocks of (64 features, key range, batch*head) stream 64-key tiles; phi(K) of a
 //                  tile goes to shared memory and S += phi^T V, z += colsum(phi) run on mma. favor's key shift c
-//                  (max over keys and features) is tracked online: a larger max rescales S and z, and the eps
+//                  (max over keys and features, of the logits or of x'.w alone: `stabilizer`) is tracked online: a larger max rescales S and z, and the eps
 //                  term, which a shift must not scale, is kept apart as eps * sum(v) (exact).
 //               2. combine: one block per (batch, head) merges the key ranges in fp32 and stores S as 16-bit,
 //                  scaled by its absolute max (so no overflow whatever N is), z in fp32.
@@ -53,6 +53,7 @@ struct LinearArgs {
   int fmap, causal, normalize;
   float root_scale;  // x' = root_scale * x (favor)
   float eps;
+  int shift_logits;  // favor shifts: 1 the max of logits x'.w - |x'|^2/2, 0 the max of x'.w (stabilizer projection)
   int tiles, splits, nfb;  // tiles = ceil(n / 64); nfb = ceil(mp / 64)
   float* records;          // key_state output: one record per (batch*head, split or chunk, feature block)
   float* s_fp32;           // non-causal combined S [bh, mp, dv]
@@ -233,7 +234,7 @@ __global__ void __launch_bounds__(128, 2) key_state_kernel(const LinearArgs a) {
           for (int e = 0; e < 4; ++e) {
             const int f = f_base + ch * kFC + nt * 8 + (lane % 4) * 2 + (e & 1);
             if (key0 + row + 8 * (e >> 1) < a.n && f < a.m)
-              tile_max = fmaxf(tile_max, a.root_scale * lg[nt][e] - hn[e >> 1]);
+              tile_max = fmaxf(tile_max, a.root_scale * lg[nt][e] - (a.shift_logits ? hn[e >> 1] : 0.f));
           }
       }
       tile_max = warp_max(tile_max);
@@ -511,7 +512,8 @@ __global__ void __launch_bounds__(128, 2) query_kernel(const LinearArgs a) {
 #pragma unroll
         for (int e = 0; e < 4; ++e)
           if (f0 + nt * 8 + (lane % 4) * 2 + (e & 1) < a.m)
-            row_max[e >> 1] = fmaxf(row_max[e >> 1], a.root_scale * lg[nt][e] - hn[e >> 1]);
+            row_max[e >> 1] =
+                fmaxf(row_max[e >> 1], a.root_scale * lg[nt][e] - (a.shift_logits ? hn[e >> 1] : 0.f));
     }
     row_max[0] = quad_max(row_max[0]), row_max[1] = quad_max(row_max[1]);
     for (int f0 = 0; f0 < mp; f0 += kFC) {  // pass 2: phi(q) = exp(logit - max) + eps, consumed as A fragments
@@ -667,11 +669,13 @@ __global__ void __launch_bounds__(256) simt_linear_kernel(const LinearArgs a) {
     for (int x = tid; x < kChunk * m; x += 256) P[x] = P[x] == -INFINITY ? 0.f : expf(P[x] - c) + a.eps;
     __syncthreads();
   };
+  // the value whose max is the shift: the logit P, or x'.w = P + |x'|^2/2 (stabilizer projection)
+  auto shift_value = [&](const float* P, int x) { return a.shift_logits ? P[x] : P[x] + sRow[x / m]; };
   // phi = exp(P - rowmax) + eps (queries)
   auto shift_rows = [&](float* P) {
     for (int t = warp; t < kChunk; t += 8) {
       float mx = -INFINITY;
-      for (int f = lane; f < m; f += 32) mx = fmaxf(mx, P[t * m + f]);
+      for (int f = lane; f < m; f += 32) mx = fmaxf(mx, shift_value(P, t * m + f));
       mx = warp_max(mx);
       for (int f = lane; f < m; f += 32) P[t * m + f] = mx == -INFINITY ? 0.f : expf(P[t * m + f] - mx) + a.eps;
     }
@@ -730,7 +734,7 @@ __global__ void __launch_bounds__(256) simt_linear_kernel(const LinearArgs a) {
       float mx = -INFINITY;
       for (int t0 = 0; t0 < a.n; t0 += kChunk) {
         features(kg, t0, sPk);
-        for (int x = tid; x < kChunk * m; x += 256) mx = fmaxf(mx, sPk[x]);
+        for (int x = tid; x < kChunk * m; x += 256) mx = fmaxf(mx, shift_value(sPk, x));
       }
       mx = warp_max(mx);
       if (lane == 0) sMisc[warp] = mx;
@@ -803,6 +807,7 @@ LinearArgs make_args(const KernelizedAttentionParams& p) {
   const float scale = p.scale != 0.f ? p.scale : 1.f / std::sqrt(static_cast<float>(p.head_dim));
   a.root_scale = std::sqrt(scale);
   a.eps = p.eps;
+  a.shift_logits = p.stabilizer != static_cast<int32_t>(Stabilizer::kProjection);
   a.tiles = s.tiles, a.nfb = s.nfb, a.splits = s.splits;
   return a;
 }

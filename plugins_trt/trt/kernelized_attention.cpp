@@ -9,6 +9,7 @@ namespace c = contracts::kernelized_attention;
 namespace {
 // The generated option order is the kernel's enum order (both follow kernelized_attention.FEATURE_MAPS).
 static_assert(static_cast<int32_t>(FeatureMap::kFavorPositive) == 0, "feature_map codes follow FEATURE_MAPS");
+static_assert(static_cast<int32_t>(Stabilizer::kProjection) == 1, "stabilizer codes follow STABILIZERS");
 bool isFavor(FieldValues const& f) { return f.getCode(c::kFeatureMap) == static_cast<int32_t>(FeatureMap::kFavorPositive); }
 }  // namespace
 
@@ -20,6 +21,10 @@ Status KernelizedAttentionOp::checkFields(FieldValues const& f) {
   if (normalize != 0 && normalize != 1) return Status::error("normalize must be 0 or 1");
   if (f.getFloat(c::kScale) < 0.0f) return Status::error("scale must not be negative (0 means 1/sqrt(D))");
   if (f.getFloat(c::kEps) < 0.0f) return Status::error("eps must not be negative");
+  // the projection max runs over every key position: a causal token would read future keys
+  if (causal == 1 && f.getCode(c::kStabilizer) != static_cast<int32_t>(Stabilizer::kLogits)) {
+    return Status::error("stabilizer projection is defined for causal=0 only");
+  }
   return Status();
 }
 
@@ -37,6 +42,7 @@ Status KernelizedAttentionOp::makeParams(FieldValues const& f, TensorShape const
   p.normalize = f.getInt(c::kNormalize);
   p.scale = f.getFloat(c::kScale);
   p.eps = f.getFloat(c::kEps);
+  p.stabilizer = f.getCode(c::kStabilizer);
   p.batch = extent(q.d[0]);
   p.seq_len = extent(q.d[1]);
   p.head_dim = p.num_heads > 0 ? extent(q.d[2]) / p.num_heads : 0;

@@ -13,7 +13,7 @@ namespace contracts {
 inline constexpr char kPluginNamespace[] = "attn_export";
 // Fingerprint of the tables below (attn_export.plugin_contracts.contracts_digest()), recorded by engine
 // manifests.
-#define ATTN_EXPORT_CONTRACTS_DIGEST "3dbf0dafa1e8e222"
+#define ATTN_EXPORT_CONTRACTS_DIGEST "2bd70ab3baa87a8b"
 inline constexpr char kContractsDigest[] = ATTN_EXPORT_CONTRACTS_DIGEST;
 
 // BlockSparseAttention v1: attn_export/ops/block_sparse_attention.py
@@ -95,8 +95,9 @@ inline constexpr OpSpec kSpec{kName, kVersion, kPluginNamespace, kFields, 7, kIn
 namespace kernelized_attention {
 inline constexpr char kName[] = "KernelizedAttention";
 inline constexpr char kVersion[] = "1";
-enum Field : int32_t { kNumHeads = 0, kFeatureMap = 1, kCausal = 2, kNormalize = 3, kScale = 4, kEps = 5 };
+enum Field : int32_t { kNumHeads = 0, kFeatureMap = 1, kCausal = 2, kNormalize = 3, kScale = 4, kEps = 5, kStabilizer = 6 };
 inline constexpr char const* kFeatureMapOptions[] = {"favor_positive", "elu_plus_one", "identity"};
+inline constexpr char const* kStabilizerOptions[] = {"logits", "projection"};
 inline constexpr FieldSpec kFields[] = {
     {"num_heads", FieldKind::kInt, 1, 0.0f, "", nullptr, 0, nullptr, 0},
     {"feature_map", FieldKind::kString, 0, 0.0f, "favor_positive", kFeatureMapOptions, 3, nullptr, 0},
@@ -104,6 +105,7 @@ inline constexpr FieldSpec kFields[] = {
     {"normalize", FieldKind::kInt, 1, 0.0f, "", nullptr, 0, nullptr, 0},
     {"scale", FieldKind::kFloat, 0, 0.0f, "", nullptr, 0, nullptr, 0},
     {"eps", FieldKind::kFloat, 0, 1e-06f, "", nullptr, 0, nullptr, 0},
+    {"stabilizer", FieldKind::kString, 0, 0.0f, "logits", kStabilizerOptions, 2, nullptr, 0},
 };
 inline constexpr InputSpec kInputs[] = {
     {"query", 3, TensorKind::kFloating, false},
@@ -112,7 +114,7 @@ inline constexpr InputSpec kInputs[] = {
     {"projection", 2, TensorKind::kFloating, true},
 };
 inline constexpr DimSource kOutputDims[] = {{0, 0, 0}, {0, 1, 0}, {2, 2, 0}};
-inline constexpr OpSpec kSpec{kName, kVersion, kPluginNamespace, kFields, 6, kInputs, 4, 3, kOutputDims, 3};
+inline constexpr OpSpec kSpec{kName, kVersion, kPluginNamespace, kFields, 7, kInputs, 4, 3, kOutputDims, 3};
 }  // namespace kernelized_attention
 
 // LongConvolution v1: attn_export/ops/long_convolution.py

@@ -600,7 +600,7 @@ int main() {
        {false, false, false, false},
        {2, 9, 32},
        " batch=2 seq_len=9 head_dim=8 v_head_dim=16 num_features=6 num_heads=2 feature_map=0 causal=1 normalize=1 "
-       "scale=0.25 eps=0.001",
+       "scale=0.25 eps=0.001 stabilizer=0",
        {{2, 9, 16}, {2, 9, 16}, {2, 9, 32}, {6, 4}},
        "input 'projection'",
        {stringField("feature_map", "softmax"), numeric("eps", PluginFieldType::kCHAR, 'x')}},

@@ -39,7 +39,7 @@ inline std::string print(KernelizedAttentionParams const& p) {
   Printer o;
   o("batch", p.batch)("seq_len", p.seq_len)("head_dim", p.head_dim)("v_head_dim", p.v_head_dim)(
       "num_features", p.num_features)("num_heads", p.num_heads)("feature_map", p.feature_map)("causal", p.causal)(
-      "normalize", p.normalize)("scale", p.scale)("eps", p.eps);
+      "normalize", p.normalize)("scale", p.scale)("eps", p.eps)("stabilizer", p.stabilizer);
   return o.out.str();
 }
 
