@@ -10,13 +10,15 @@ outside the layer (attention_mask only): one is the per-key bias, one the query 
 """
 from __future__ import annotations
 
+from collections import ChainMap
+
 import numpy as np
 import onnx
 from onnx import helper
 
 from ..ops import BLOCK_SPARSE_ATTENTION
 from .framework import (GATHER_OPS, LAYOUT_OPS, FamilyPass, Match, NotFused, check_no_escape, constant, region,
-                        register, run_subgraph, verify_numerically)
+                        register, run_nodes, verify_numerically)
 from .fusion_report import layer_name
 from .graph import GraphIndex
 from .probe import Probe
@@ -59,9 +61,9 @@ def match(index: GraphIndex, probe: Probe, group: tuple, name: str) -> Match:
     why = ""
     for q, k in (qk, qk[::-1]):
         try:
-            mult = _multiplicities(index, probe, q, k, v, output, heads, block_size, head_dim)
+            mult = _multiplicities(index, probe, nodes, q, k, v, output, heads, block_size, head_dim)
             table, global_blocks, count_repeats = _table(mult)
-            scale = _scale(index, probe, q, k, v, output, mult, heads, block_size, head_dim)
+            scale = _scale(index, probe, nodes, q, k, v, output, mult, heads, block_size, head_dim)
         except NotFused as e:
             why = str(e)
             continue
@@ -166,14 +168,17 @@ def _blocking(index: GraphIndex, probe: Probe, q: str) -> tuple[int, int, int]:
     raise NotFused("queries are not grouped in blocks (no [B, H, blocks, b, D] view of the query)")
 
 
-def _run(index: GraphIndex, probe: Probe, feeds: dict, output: str) -> np.ndarray:
-    """The layer's output on probe 0 with q/k/v replaced (the masks stay the probe's: batch row 0 is unpadded)."""
+def _run(index: GraphIndex, probe: Probe, nodes: list, feeds: dict, output: str) -> np.ndarray:
+    """The layer's output on probe 0 with q/k/v replaced (the masks stay the probe's: batch row 0 is unpadded).
+    Only the region's own nodes run: shapes and masks come from the probe, not from re-running earlier layers."""
     values = probe.runs[0]
-    return run_subgraph(index, {k: np.ascontiguousarray(v, dtype=values[k].dtype) for k, v in feeds.items()},
-                        output, values)
+    feeds = {k: np.ascontiguousarray(v, dtype=values[k].dtype) for k, v in feeds.items()}
+    ordered = sorted(nodes, key=lambda n: index.position[id(n)])
+    return run_nodes(ordered, output, ChainMap(feeds, values), index.model.opset_import,
+                     ir_version=index.model.ir_version)
 
 
-def _multiplicities(index, probe, q, k, v, output, heads, block_size, head_dim) -> np.ndarray:
+def _multiplicities(index, probe, nodes, q, k, v, output, heads, block_size, head_dim) -> np.ndarray:
     """[H, blocks, blocks]: how often query block i lists key block j (up to a common factor per row). With zero
     queries every listed key scores the same, so the weight the row gives key block j is its multiplicity; values
     that are 1 on channel c for the keys of block c read that weight off the output, head_dim blocks per run."""
@@ -185,7 +190,7 @@ def _multiplicities(index, probe, q, k, v, output, heads, block_size, head_dim) 
         blocks = np.arange(n) // block_size - first  # channel c of each head marks key block first + c
         marks = (blocks[:, None] == np.arange(head_dim)[None, :]).astype(np.float64)
         values = np.broadcast_to(np.tile(marks, (1, heads))[None], (batch, n, channels))
-        out = _run(index, probe, {q: zeros, k: probe.runs[0][k], v: values}, output)[0]
+        out = _run(index, probe, nodes, {q: zeros, k: probe.runs[0][k], v: values}, output)[0]
         per_query = out.reshape(nb, block_size, heads, head_dim)
         if np.abs(per_query - per_query[:, :1]).max() > 1e-5:
             raise NotFused("the queries of one block see different keys")
@@ -222,7 +227,7 @@ def _table(mult: np.ndarray) -> tuple[np.ndarray, int, int]:
     return table, g, int(mult.max() > 1)
 
 
-def _scale(index, probe, q, k, v, output, mult, heads, block_size, head_dim) -> float:
+def _scale(index, probe, nodes, q, k, v, output, mult, heads, block_size, head_dim) -> float:
     """The score scale: queries 1 and the keys of one block 1 on one channel make that block score `scale` and every
     other 0; the weight a row gives it then solves for exp(scale)."""
     batch, n, channels = probe.shape(q)
@@ -233,7 +238,7 @@ def _scale(index, probe, q, k, v, output, mult, heads, block_size, head_dim) -> 
     queries = np.broadcast_to(one_channel, (batch, n, channels))
     in_block = (np.arange(n) // block_size == shared).astype(np.float64)
     keys = np.broadcast_to(in_block[None, :, None] * one_channel, (batch, n, channels))
-    out = _run(index, probe, {q: queries, k: keys, v: keys}, output)[0]
+    out = _run(index, probe, nodes, {q: queries, k: keys, v: keys}, output)[0]
     weight = out.reshape(-1, block_size, heads, head_dim)[:, 0, 0, 0]  # head 0, per query block
     m, total = mult[0, :, shared].astype(np.float64), mult[0].sum(-1).astype(np.float64)
     rows = (m > 0) & (m < total) & (weight > 1e-6) & (weight < 1 - 1e-6)
