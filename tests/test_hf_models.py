@@ -106,6 +106,10 @@ def test_bigbird_block_sparse_builds_at_a_block_sparse_length(capsys, tmp_path):
     assert {r["inputs"] for r in report["parity"]} == {"seq_len=64 batch=1", "seq_len=64 batch=2"}
     # dynamo cannot export it on torch 2.13: the exporter used instead is said, not silent
     assert report["notes"] and "export: used the TorchScript exporter" in stdout
+    # each layer's five softmax pieces are one block-sparse node, not dense fragments
+    layers = report["fusion"]["layers"]
+    assert [(layer["status"], layer["op"]) for layer in layers] == [("fused", "BlockSparseAttention")] * 2, layers
+    assert all(layer["attributes"]["count_repeats"] == 1 for layer in layers)
 
 
 def test_bigbird_stays_block_sparse_and_refuses_full_attention_lengths(bert_folder, tmp_path):

@@ -371,3 +371,48 @@ def test_performer_pytorch_causal_is_refused_with_its_reason():
         return
     assert report.attention_layers >= 1
     assert all(layer.reason for layer in report.layers if layer.status != "fused"), report.as_dict()
+
+
+def _hf_bigbird(random_blocks=2, n=128):
+    torch.manual_seed(0)
+    config = transformers.BigBirdConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, vocab_size=100, max_position_embeddings=n,
+                                        attention_type="block_sparse", block_size=8, num_random_blocks=random_blocks)
+    return transformers.BigBirdModel(config, add_pooling_layer=False).eval()
+
+
+@pytest.mark.parametrize("exporter", ["torchscript"])  # dynamo fails on HF BigBird's block_sparse on torch 2.13
+def test_hf_bigbird_block_sparse_fuses_one_block_sparse_node_per_layer(exporter):
+    n = 128  # 16 blocks of 8, over (5 + 2*2) blocks: HF keeps block_sparse; the graph holds this one length
+    inputs = {"input_ids": torch.randint(0, 100, (2, n)), "attention_mask": torch.from_numpy(padding_mask([2, n]))}
+    shapes = [{name: [batch, n] for name in inputs} for batch in (2, 1)]
+    model = export_onnx(_Tensors(_hf_bigbird()).eval(), inputs, dynamic_axes={name: {0: "batch"} for name in inputs},
+                        exporter=exporter, probe_shapes=shapes)
+    fused, report = api.fuse(model)
+    assert report.attention_layers == 2 and report.all_fused, report.as_dict()
+    assert [layer.name.split(".")[-4:] for layer in report.layers] == [["layer", "0", "attention", "self"],
+                                                                       ["layer", "1", "attention", "self"]]
+    assert _fused_ops(fused) == ["BlockSparseAttention", "BlockSparseAttention"]
+    assert not [node for node in fused.graph.node if node.op_type == "Softmax"]
+    # eval: global first/last blocks, block 0 listed once per random block too, each listing weighing in the softmax
+    attrs = report.layers[0].attributes
+    assert (attrs["block_size"], attrs["global_blocks"], attrs["count_repeats"]) == (8, 1, 1)
+    for batch in (3, 1):  # a padded row and a fully masked row (batch 3), then one unpadded row
+        _assert_parity_where_defined(model, fused, _masked_feeds(model, batch=batch, n=n))
+
+
+def test_hf_bigbird_layout_fed_to_the_fused_node_is_the_models():
+    """The block table the pass read off the graph lists what HF computes in eval: window, global and r copies of
+    block 0 per middle row (tests/test_hf_attention_reference.py checks that layout against HF's own layer)."""
+    from test_hf_attention_reference import hf_bigbird_eval_layout
+
+    n, random_blocks = 128, 2
+    inputs = {"input_ids": torch.randint(0, 100, (1, n)), "attention_mask": torch.ones(1, n, dtype=torch.int64)}
+    model = export_onnx(_Tensors(_hf_bigbird(random_blocks, n)).eval(), inputs, exporter="torchscript",
+                        probe_shapes=[{name: [1, n] for name in inputs}] * 2)
+    fused, _ = api.fuse(model)
+    tables = {t.name: onnx.numpy_helper.to_array(t) for t in fused.graph.initializer}
+    node = next(n for n in fused.graph.node if n.op_type == "BlockSparseAttention")
+    table, want = tables[node.input[3]], hf_bigbird_eval_layout(n // 8, random_blocks).numpy()
+    middle = slice(1, n // 8 - 1)  # global rows list nothing; the order of a row's slots does not matter
+    np.testing.assert_array_equal(np.sort(table[:, middle], -1), np.sort(want[:, middle], -1))

@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 
 # the family modules register themselves on import
-from . import (block_sparse, dense_attention, disentangled_attention, kernelized_attention, long_convolution,
-               mixture_of_experts, onnx_attention)
+from . import (banded_block_sparse, block_sparse, dense_attention, disentangled_attention, kernelized_attention,
+               long_convolution, mixture_of_experts, onnx_attention)
 from .einsum import normalize_einsums
 from .framework import FAMILY_PASSES, NotFused, replace_all
 from .fusion_report import FusionReport, LayerResult, layer_name
@@ -16,8 +16,8 @@ from .long_convolution import LONG_TAPS
 from .probe import Probe
 from .softmax_core import NO_SCORE_PRODUCT, NO_VALUE_PRODUCT, find_core, softmax_nodes, value_product
 
-del (block_sparse, dense_attention, disentangled_attention, kernelized_attention, long_convolution, mixture_of_experts,
-     onnx_attention)
+del (banded_block_sparse, block_sparse, dense_attention, disentangled_attention, kernelized_attention, long_convolution,
+     mixture_of_experts, onnx_attention)
 
 
 def fuse_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
@@ -53,7 +53,8 @@ def fuse_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
             matches.append(m)
             attrs = m.contract.resolve_attrs(m.attrs)
             results[id(anchor)] = LayerResult(name, m.contract.op_type, "fused", "", attrs)
-    report = FusionReport(list(results.values()))
+    # a candidate one family refused but whose nodes another family's region took is fused, not a part left over
+    report = FusionReport([r for a, r in results.items() if r.status == "fused" or a not in claimed])
     _report_unclaimed_softmax(index, probe, claimed | set(results), report)
     _report_leftovers(index, probe, claimed | explained, report)
     replace_all(fused, matches, index.static, dtype_of=lambda t: _probed_dtype(probe, t))
