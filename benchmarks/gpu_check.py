@@ -7,7 +7,7 @@ Steps, each with its own time budget (a step past its budget is stopped and reco
   1. build   the torch extension over plugins_trt/kernels for this GPU's architecture only (sm_90 on an H200;
              TORCH_CUDA_ARCH_LIST, MAX_JOBS = the cores);
   2. tests   the `cuda`-marked tests (tests/test_kernels_cuda.py), counted passed / failed / skipped;
-  3. kernels benchmarks/kernels.py at a few lengths (1k, 4k, 16k tokens) in fp16 and bf16: ms, TFLOP/s, GB/s,
+  3. kernels benchmarks/cuda_kernels.py at a few lengths (1k, 4k, 16k tokens) in fp16 and bf16: ms, TFLOP/s, GB/s,
              against the op's torch reference and dense SDPA;
   4. zoo     the fused custom nodes of the twelve zoo models (small configs, dynamo export) through the CUDA
              kernels (fp32 and fp16) against the contracts' torch references in eager float32.
@@ -57,7 +57,7 @@ def plan(arch: str, jobs: int) -> list[tuple[str, str]]:
     return [
         ("build", f"torch extension over plugins_trt/kernels, TORCH_CUDA_ARCH_LIST={arch}, MAX_JOBS={jobs}"),
         ("tests", "python -m pytest -q -m cuda tests/test_kernels_cuda.py (junit counts)"),
-        ("kernels", f"benchmarks/kernels.py --lengths {lengths} --dtype {' and '.join(DTYPES)} --iters 20 "
+        ("kernels", f"benchmarks/cuda_kernels.py --lengths {lengths} --dtype {' and '.join(DTYPES)} --iters 20 "
                     "--warmup 5 --ref-max-len 4096"),
         ("zoo", f"fused nodes of {len(ZOO)} zoo models ({', '.join(ZOO)}) on the CUDA kernels (fp32, fp16) "
                 "vs torch eager float32"),
@@ -102,7 +102,7 @@ def junit_counts(xml_text: str) -> dict:
 
 
 def kernel_rows(report: dict, dtype: str) -> list[dict]:
-    """benchmarks/kernels.py rows in the schema of the results file."""
+    """benchmarks/cuda_kernels.py rows in the schema of the results file."""
     rows = []
     for r in report["results"]:
         rows.append({"op": r["op"], "case": r["case"], "seq_len": r["seq_len"], "dtype": dtype, "ms": r["ms"],
@@ -113,7 +113,7 @@ def kernel_rows(report: dict, dtype: str) -> list[dict]:
 
 
 def run_kernels(deadline: float) -> list[dict]:
-    from benchmarks import kernels
+    from benchmarks import cuda_kernels as kernels
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,7 +191,7 @@ def dry_run(args, jobs: int) -> int:
     import textwrap
 
     import models
-    from benchmarks import kernels  # noqa: F401  (imports cleanly: the step can start)
+    from benchmarks import cuda_kernels  # noqa: F401  (imports cleanly: the step can start)
 
     arch = args.arch or "9.0 (on the device: its own; an H200 is sm_90)"
     print(f"gpu_check dry run: {len(BUDGET)} steps, {sum(BUDGET.values())} s budget")

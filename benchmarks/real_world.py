@@ -3,10 +3,10 @@
     python benchmarks/real_world.py                        # every model below, 12 layers
     python benchmarks/real_world.py --models bert,gau --layers 2 --iters 5 --json out/real_world.json
 
-Models are random-initialised at a realistic depth (nothing is downloaded): transformers' BERT, RoBERTa, ViT and
-BigBird (block_sparse, 4096 tokens: fusion time, and what the report says), FLASH-pytorch's GAU, and a packed-qkv
-Einsum attention as research code writes it. Both graphs run in one process, interleaved; ratio below 1 means the
-fused graph is faster.
+Models are random-initialised at a realistic depth (nothing is downloaded): transformers' BERT, RoBERTa, DeBERTa-v2,
+ViT and BigBird (block_sparse, 4096 tokens: fusion time, and what the report says), FLASH-pytorch's GAU and FLASH,
+performer-pytorch's FAVOR+ attention, and a packed-qkv Einsum attention as research code writes it. Both graphs run
+in one process, interleaved; ratio below 1 means the fused graph is faster.
 """
 from __future__ import annotations
 
@@ -75,6 +75,10 @@ def build(name: str, layers: int):
         config = hf.BertConfig(**text) if name == "bert" else hf.RobertaConfig(**text, max_position_embeddings=514)
         model = (hf.BertModel if name == "bert" else hf.RobertaModel)(config, add_pooling_layer=False)
         return FirstOutput(model), _tokens(512), (256, 512), "dynamo"
+    if name == "deberta":
+        config = hf.DebertaV2Config(**text, relative_attention=True, position_buckets=256, pos_att_type=["p2c", "c2p"],
+                                    norm_rel_ebd="layer_norm", max_position_embeddings=512)
+        return FirstOutput(hf.DebertaV2Model(config)), _tokens(512), (256, 512), "dynamo"
     if name == "bigbird":
         config = hf.BigBirdConfig(**text, attention_type="block_sparse", block_size=64, num_random_blocks=3,
                                   max_position_embeddings=4096)
@@ -89,6 +93,16 @@ def build(name: str, layers: int):
 
         stack = Stack([GAU(dim=256, query_key_dim=128) for _ in range(layers)])
         return stack, {"x": torch.randn(1, 1024, 256)}, (512, 1024), "dynamo"
+    if name == "flash":
+        from flash_pytorch import FLASH
+
+        stack = Stack([FLASH(dim=256, group_size=256, query_key_dim=128) for _ in range(layers)])
+        return stack, {"x": torch.randn(1, 1024, 256)}, (512, 1024), "dynamo"
+    if name == "performer":  # performer-pytorch does not export with dynamo
+        from performer_pytorch import SelfAttention
+
+        stack = Stack([SelfAttention(dim=256, heads=4, dim_head=64, nb_features=256) for _ in range(layers)])
+        return stack, {"x": torch.randn(1, 1024, 256)}, (512, 1024), "torchscript"
     if name == "einsum":
         stack = Stack([PackedEinsumAttention(256, 4) for _ in range(layers)])
         return stack, {"x": torch.randn(1, 1024, 256)}, (512, 1024), "dynamo"
@@ -116,7 +130,7 @@ def bench(name: str, layers: int, iters: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="bert,roberta,vit,gau,einsum,bigbird")
+    parser.add_argument("--models", default="bert,roberta,deberta,vit,gau,flash,performer,einsum,bigbird")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--json", type=Path)

@@ -91,21 +91,20 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
     q, k, v = (b.op("Cast", b.split_heads(t, heads), to=1) for t in (query, key, value))  # [B,H,N,D] float32
     shape_q, shape_k = b.op("Shape", q), b.op("Shape", k)
     delta = _relative_index(b, b.dim(shape_q, 2), b.dim(shape_k, 2), span, max_position)  # [Nq, Nk]
-    bh = b.op("Concat", b.dim(shape_q, 0), b.dim(shape_q, 1), axis=0)
-    scores = b.op("MatMul", q, b.transpose_last(k, 4))
+    # one [B, H, Nq, Nk] index for both terms
+    index = b.op("Expand", delta, b.op("Concat", b.dim(shape_q, 0), b.dim(shape_q, 1), b.op("Shape", delta), axis=0))
+    k_t = b.transpose_last(k, 4)
+    scores = b.op("MatMul", q, k_t)
 
     def table(t):  # [2*span, H*D] -> [H, 2*span, D]
         return b.op("Transpose", b.op("Reshape", b.op("Cast", t, to=1), b.const([0, heads, -1])), perm=[1, 0, 2])
 
-    if attrs["c2p"]:
-        c2p = b.op("GatherElements", b.op("MatMul", q, b.transpose_last(table(rel_key), 3)),
-                   b.op("Expand", delta, b.op("Concat", bh, b.op("Shape", delta), axis=0)), axis=3)
+    if attrs["c2p"]:  # q_i . rel_key[delta(i, j)]: row i of q rel_key^T [B,H,Nq,2s], column delta(i, j)
+        c2p = b.op("GatherElements", b.op("MatMul", q, b.transpose_last(table(rel_key), 3)), index, axis=3)
         scores = b.op("Add", scores, c2p)
-    if attrs["p2c"]:
-        delta_t = b.op("Transpose", delta, perm=[1, 0])
-        p2c = b.op("GatherElements", b.op("MatMul", k, b.transpose_last(table(rel_query), 3)),
-                   b.op("Expand", delta_t, b.op("Concat", bh, b.op("Shape", delta_t), axis=0)), axis=3)
-        scores = b.op("Add", scores, b.transpose_last(p2c, 4))
+    if attrs["p2c"]:  # k_j . rel_query[delta(i, j)]: column j of rel_query k^T [B,H,2s,Nk], row delta(i, j)
+        p2c = b.op("GatherElements", b.op("MatMul", table(rel_query), k_t), index, axis=2)
+        scores = b.op("Add", scores, p2c)
     if attrs["scale"]:
         scale = b.const(attrs["scale"], np.float32)
     else:
@@ -123,11 +122,13 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
 
 
 def _relative_index(b: OnnxBuilder, nq: str, nk: str, span: int, max_position: int) -> str:
-    """delta [Nq, Nk] built from Range, so it follows a dynamic length (the same integer rule as relative_index)."""
+    """delta [Nq, Nk] built from Range, so it follows a dynamic length (the same integer rule as relative_index).
+    The bucket depends on i - j only: it is computed once per distance (Nq + Nk - 1 of them) and gathered, rather
+    than on every one of the Nq x Nk pairs."""
     zero, one = b.const(0), b.const(1)
-    rows = b.op("Range", zero, b.op("Squeeze", nq), one)
-    cols = b.op("Range", zero, b.op("Squeeze", nk), one)
-    relative = b.op("Sub", b.unsqueeze(rows, [1]), b.unsqueeze(cols, [0]))  # int64
+    nq, nk = b.op("Squeeze", nq), b.op("Squeeze", nk)
+    last_key = b.op("Sub", nk, one)
+    relative = b.op("Range", b.op("Neg", last_key), nq, one)  # every i - j, from -(Nk - 1) to Nq - 1
     if max_position > 0:
         # make_log_bucket_position in float32, as transformers computes it
         mid = span // 2
@@ -143,8 +144,12 @@ def _relative_index(b: OnnxBuilder, nq: str, nk: str, span: int, max_position: i
                             b.const(float(mid), np.float32))
         bucketed = b.op("Mul", b.op("Cast", log_position, to=7), sign)
         relative = b.op("Where", b.op("LessOrEqual", magnitude, b.const(mid)), relative, bucketed)
-    shifted = b.op("Add", relative, b.const(span))
-    return b.op("Clip", shifted, b.const(0), b.const(2 * span - 1))
+    per_distance = b.op("Clip", b.op("Add", relative, b.const(span)), b.const(0), b.const(2 * span - 1))
+    rows = b.op("Range", zero, nq, one)
+    cols = b.op("Range", zero, nk, one)
+    # position of i - j in per_distance: i - j + Nk - 1
+    distance = b.op("Add", b.op("Sub", b.unsqueeze(rows, [1]), b.unsqueeze(cols, [0])), last_key)
+    return b.op("Gather", per_distance, distance, axis=0)
 
 
 CONTRACT = OpContract(

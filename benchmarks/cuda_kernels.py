@@ -1,7 +1,7 @@
 """Benchmark the CUDA kernels of plugins_trt/ against their torch references and against dense SDPA.
 
-    python benchmarks/kernels.py                      # every op, 1k..16k tokens, fp16
-    python benchmarks/kernels.py --ops BlockSparseAttention --lengths 4096 8192 --json out/kernels.json
+    python benchmarks/cuda_kernels.py                      # every op, 1k..16k tokens, fp16
+    python benchmarks/cuda_kernels.py --ops BlockSparseAttention --lengths 4096 8192 --json out/kernels.json
 
 Per op and sequence length it prints the kernel's median time (CUDA events), its effective TFLOP/s (only the
 work it performs: the listed blocks of a block-sparse layout, the lower triangle of a causal one) and GB/s
