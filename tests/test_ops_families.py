@@ -145,7 +145,10 @@ def test_log_bucket_matches_the_scalar_formula():
 @given(span=st.sampled_from([4, 6, 8, 16, 32, 64, 128, 256, 512]), extra=st.integers(2, 5000),
        seed=st.integers(0, 10_000))
 def test_log_bucket_is_transformers_make_log_bucket_position(span, extra, seed):
-    """Random offsets (far past max_position included) bucket exactly as transformers' DeBERTa-v2 does."""
+    """Random offsets (far past max_position included) bucket exactly as transformers' DeBERTa-v2 does, on every
+    row the op reads: far past the last row (buckets of 70000 with max_position just above span/2) torch's
+    vectorised float32 log and the correctly rounded one may part by an ulp at a ceil boundary, which the clamp to
+    the table's 2*span rows makes invisible."""
     from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
 
     max_position = span // 2 + extra
@@ -153,7 +156,10 @@ def test_log_bucket_is_transformers_make_log_bucket_position(span, extra, seed):
     r = torch.cat([torch.randint(-8 * max_position, 8 * max_position, (2000,), generator=g),
                    torch.arange(-max_position - 2, max_position + 3)])
     expected = make_log_bucket_position(r, span, max_position).long()
-    assert torch.equal(log_bucket(r, span, max_position), expected)
+    got = log_bucket(r, span, max_position)
+    assert torch.equal((got + span).clamp(0, 2 * span - 1), (expected + span).clamp(0, 2 * span - 1))
+    read = (expected + span >= 0) & (expected + span < 2 * span)
+    assert torch.equal(got[read], expected[read])
 
 
 def test_relative_index_past_max_position_reads_the_edge_rows():
