@@ -201,6 +201,20 @@ def test_disentangled_decomposition_matches_reference(n, span, max_position):
     assert relative_index(n, n, span, max_position).max() <= 2 * span - 1
 
 
+@pytest.mark.parametrize("nq,nk", [(7, 40), (40, 7), (1, 30), (30, 1)])
+def test_disentangled_decomposition_with_fewer_queries_or_keys(nq, nk):
+    """The relative index laid out from one bucket per distance is the same at Nq != Nk (cross-length rows)."""
+    heads, d, span, max_position = 2, 4, 8, 16
+    g = torch.Generator().manual_seed(nq * 100 + nk)
+    q = torch.randn(2, nq, heads * d, generator=g)
+    k, v = (torch.randn(2, nk, heads * d, generator=g) for _ in range(2))
+    kr, qr = torch.randn(2 * span, heads * d, generator=g), torch.randn(2 * span, heads * d, generator=g)
+    attrs = dict(num_heads=heads, span=span, max_position=max_position)
+    expected = DIS.reference(q, k, v, kr, qr, **attrs).numpy()
+    got = run_single_op(DIS, attrs, [t.numpy() for t in (q, k, v, kr, qr)])
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("c2p,p2c", [(1, 1), (1, 0), (0, 1), (0, 0)])
 @pytest.mark.parametrize("bias_kind,masked_rows", [(None, "zeros"), ("query", "zeros"), ("query", "mean"),
                                                    ("padding", "mean")])

@@ -123,12 +123,12 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
 
 def _relative_index(b: OnnxBuilder, nq: str, nk: str, span: int, max_position: int) -> str:
     """delta [Nq, Nk] built from Range, so it follows a dynamic length (the same integer rule as relative_index).
-    The bucket depends on i - j only: it is computed once per distance (Nq + Nk - 1 of them) and gathered, rather
-    than on every one of the Nq x Nk pairs."""
-    zero, one = b.const(0), b.const(1)
+    The bucket depends on i - j only: it is computed once per distance (L = Nq + Nk - 1 of them) and laid out as
+    the Toeplitz matrix by copies alone, six times faster on onnxruntime than gathering it per pair."""
+    one = b.const(1)
     nq, nk = b.op("Squeeze", nq), b.op("Squeeze", nk)
-    last_key = b.op("Sub", nk, one)
-    relative = b.op("Range", b.op("Neg", last_key), nq, one)  # every i - j, from -(Nk - 1) to Nq - 1
+    # every i - j, from Nq - 1 down to -(Nk - 1): w[m] is the row for i - j = Nq - 1 - m
+    relative = b.op("Range", b.op("Sub", nq, one), b.op("Neg", nk), b.const(-1))
     if max_position > 0:
         # make_log_bucket_position in float32, as transformers computes it
         mid = span // 2
@@ -144,12 +144,15 @@ def _relative_index(b: OnnxBuilder, nq: str, nk: str, span: int, max_position: i
                             b.const(float(mid), np.float32))
         bucketed = b.op("Mul", b.op("Cast", log_position, to=7), sign)
         relative = b.op("Where", b.op("LessOrEqual", magnitude, b.const(mid)), relative, bucketed)
-    per_distance = b.op("Clip", b.op("Add", relative, b.const(span)), b.const(0), b.const(2 * span - 1))
-    rows = b.op("Range", zero, nq, one)
-    cols = b.op("Range", zero, nk, one)
-    # position of i - j in per_distance: i - j + Nk - 1
-    distance = b.op("Add", b.op("Sub", b.unsqueeze(rows, [1]), b.unsqueeze(cols, [0])), last_key)
-    return b.op("Gather", per_distance, distance, axis=0)
+    w = b.op("Clip", b.op("Add", relative, b.const(span)), b.const(0), b.const(2 * span - 1))
+    # delta[i, j] = w[Nq - 1 - i + j]. w plus one spare entry, repeated Nq times and read in rows of L: row i
+    # starts i entries further back in w (L = len(w') - 1), so column Nq - 1 + j of row i is w[Nq - 1 - i + j]
+    distances = b.op("Sub", b.op("Add", nq, nk), one)  # L
+    padded = b.op("Concat", w, b.const([0]), axis=0)
+    repeated = b.op("Tile", padded, b.unsqueeze(nq, [0]))
+    rows = b.op("Reshape", b.op("Slice", repeated, b.const([0]), b.unsqueeze(b.op("Mul", nq, distances), [0])),
+                b.op("Concat", b.unsqueeze(nq, [0]), b.unsqueeze(distances, [0]), axis=0))
+    return b.op("Slice", rows, b.unsqueeze(b.op("Sub", nq, one), [0]), b.unsqueeze(distances, [0]), b.const([1]))
 
 
 CONTRACT = OpContract(
