@@ -26,8 +26,10 @@ class ChunkLayout:
 
     @staticmethod
     def of(probe: Probe, per_head: str) -> ChunkLayout:
-        """[B, H, N, D]: head axis 1. [B, H, G, C, D]: head axis 1, batch (0, 2). [B, G, C, D] whose axis 1 changes
-        with the input's length: no head axis, batch (0, 1). [B, N, D]: one head."""
+        """[B, H, N, D]: head axis 1. [B, H, G, C, D]: heads and chunks both join the batch, (0, 1, 2), one head per
+        op row: the op's [B*H*G, C, D] is then a Reshape of the graph's tensor (no Transpose into or out of the op,
+        none in its decomposition). [B, G, C, D] whose axis 1 changes with the input's length: no head axis,
+        batch (0, 1). [B, N, D]: one head."""
         shapes = [probe.shape(per_head, run) for run in range(len(probe.runs))]
         rank = len(shapes[0] or ())
         if rank == 3:
@@ -36,7 +38,7 @@ class ChunkLayout:
             return ChunkLayout(4, (0,), 1, shapes[0][1]) if len({s[1] for s in shapes}) == 1 else \
                 ChunkLayout(4, (0, 1), None, 1)
         if rank == 5:
-            return ChunkLayout(5, (0, 2), 1, shapes[0][1])
+            return ChunkLayout(5, (0, 1, 2), None, 1)
         raise NotFused(f"per-head tensor {shapes[0]} is neither [B, H, N, D] nor chunked [B, H, G, C, D]")
 
     def _batch_sizes(self, like: str, out: str) -> tuple[list, list]:
@@ -62,8 +64,8 @@ class ChunkLayout:
             raise NotFused(f"chunk length of {tensor} changes with the input ({sorted(n_rows)})")
         perm = self._perm(rows, features)
         target = np.array([-1, n_rows.pop(), self.heads * shape[features]], np.int64)
-        nodes = [helper.make_node("Transpose", [tensor], [f"{name}_t"], perm=perm, name=f"{name}_transpose"),
-                 helper.make_node("Reshape", [f"{name}_t", f"{name}_shape"], [name], name=f"{name}_merge")]
+        nodes, moved = _transposed(tensor, f"{name}_t", perm, f"{name}_transpose")
+        nodes.append(helper.make_node("Reshape", [moved, f"{name}_shape"], [name], name=f"{name}_merge"))
 
         def value(run):
             return probe.runs[run][tensor].transpose(perm).reshape(target)
@@ -83,8 +85,9 @@ class ChunkLayout:
 
     def concatenated_into_op(self, probe: Probe, parts: list[str], like: str, name: str):
         """Per-head [.., rows_i, D] tensors joined on the row axis, straight into the op's [B', sum rows_i, H*D]: each
-        part is transposed first and expanded to the batch axes of `like` (a set shared by every chunk has 1 there),
-        so the joined tensor is written once, already in the op's layout.
+        part is transposed first and expanded to the batch axes of `like` (a set shared by every chunk has 1 there;
+        one whose batch axes are `like`'s by the exporter's symbolic shapes is not copied), so the joined tensor is
+        written once, already in the op's layout.
         Returns (op input name, value per run, new nodes, new initializers)."""
         rows, features = self.rank - 2, self.rank - 1
         perm = self._perm(rows, features)
@@ -96,10 +99,14 @@ class ChunkLayout:
                 raise NotFused(f"{part} {shape} has {shape[self.head]} heads, the query {self.heads}")
             tail = [shape[rows], *([self.heads] if self.head is not None else []), shape[features]]
             total_rows += shape[rows]
-            nodes += [helper.make_node("Transpose", [part], [f"{name}{i}_t"], perm=perm, name=f"{name}{i}_transpose"),
-                      helper.make_node("Concat", [f"{name}_batch", f"{name}{i}_tail"], [f"{name}{i}_target"], axis=0,
+            moving, moved = _transposed(part, f"{name}{i}_t", perm, f"{name}{i}_transpose")
+            nodes += moving
+            if probe.same_symbolic_dims(part, like, self.batch):  # already one set per chunk: nothing to copy
+                joined.append(moved)
+                continue
+            nodes += [helper.make_node("Concat", [f"{name}_batch", f"{name}{i}_tail"], [f"{name}{i}_target"], axis=0,
                                        name=f"{name}{i}_target"),
-                      helper.make_node("Expand", [f"{name}{i}_t", f"{name}{i}_target"], [f"{name}{i}"],
+                      helper.make_node("Expand", [moved, f"{name}{i}_target"], [f"{name}{i}"],
                                        name=f"{name}{i}_expand")]
             inits.append(constant(f"{name}{i}_tail", np.array(tail, np.int64)))
             joined.append(f"{name}{i}")
@@ -123,10 +130,16 @@ class ChunkLayout:
         nodes, inits = self._batch_sizes(like, f"{name}/batch_dims")
         nodes += [helper.make_node("Concat", [f"{name}/batch_dims", f"{name}/tail"], [f"{name}/unmerged_shape"],
                                    axis=0, name=f"{name}/unmerged_shape"),
-                  helper.make_node("Reshape", [op_output, f"{name}/unmerged_shape"], [f"{name}/unmerged"],
-                                   name=f"{name}/unmerge"),
-                  helper.make_node("Transpose", [f"{name}/unmerged"], [per_head_output],
-                                   perm=list(np.argsort(perm)), name=f"{name}/output_transpose")]
+                  ]
+        back = [int(a) for a in np.argsort(perm)]
+        if back == sorted(back):  # the op's rows are the graph's: the Reshape writes the output itself
+            nodes.append(helper.make_node("Reshape", [op_output, f"{name}/unmerged_shape"], [per_head_output],
+                                          name=f"{name}/unmerge"))
+        else:
+            nodes += [helper.make_node("Reshape", [op_output, f"{name}/unmerged_shape"], [f"{name}/unmerged"],
+                                       name=f"{name}/unmerge"),
+                      helper.make_node("Transpose", [f"{name}/unmerged"], [per_head_output], perm=back,
+                                       name=f"{name}/output_transpose")]
         inits.append(constant(f"{name}/tail", np.array(tail, np.int64)))
 
         def expected(run):
@@ -157,14 +170,12 @@ class ChunkLayout:
             inits = inits + size_inits + [constant(f"{name}/bias_ones", np.ones(self.rank, np.int64))]
             tensor = f"{name}/bias_full"
         # [-1, H or 1, Nq, Nk], Nq and Nk read from the bias itself: they follow the sequence where it is not chunked
-        nodes = nodes + [
-            helper.make_node("Transpose", [tensor], [f"{name}/bias_t"], perm=perm, name=f"{name}/bias_transpose"),
-            helper.make_node("Shape", [f"{name}/bias_t"], [f"{name}/bias_rows_keys"], start=-2,
-                             name=f"{name}/bias_rows_keys"),
+        moving, moved = _transposed(tensor, f"{name}/bias_t", perm, f"{name}/bias_transpose")
+        nodes = nodes + moving + [
+            helper.make_node("Shape", [moved], [f"{name}/bias_rows_keys"], start=-2, name=f"{name}/bias_rows_keys"),
             helper.make_node("Concat", [f"{name}/bias_batch_heads", f"{name}/bias_rows_keys"], [f"{name}/bias_shape"],
                              axis=0, name=f"{name}/bias_shape"),
-            helper.make_node("Reshape", [f"{name}/bias_t", f"{name}/bias_shape"], [f"{name}/bias_op"],
-                             name=f"{name}/bias_merge")]
+            helper.make_node("Reshape", [moved, f"{name}/bias_shape"], [f"{name}/bias_op"], name=f"{name}/bias_merge")]
         inits = inits + [constant(f"{name}/bias_batch_heads", np.array([-1, head_size], np.int64))]
 
         def value(run):
@@ -174,3 +185,10 @@ class ChunkLayout:
                 v = np.broadcast_to(v, [like_shape[a] if a in self.batch else v.shape[a] for a in range(self.rank)])
             return np.ascontiguousarray(v.transpose(perm).reshape(-1, head_size, *v.shape[-2:]))
         return f"{name}/bias_op", value, nodes, inits
+
+
+def _transposed(tensor: str, out: str, perm: list[int], name: str) -> tuple[list, str]:
+    """([Transpose], out), or ([], tensor) when `perm` moves nothing (no copy to write)."""
+    if list(perm) == sorted(perm):
+        return [], tensor
+    return [helper.make_node("Transpose", [tensor], [out], perm=list(perm), name=name)], out
