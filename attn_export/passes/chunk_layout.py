@@ -23,6 +23,12 @@ class ChunkLayout:
     batch: tuple[int, ...]
     head: int | None
     heads: int
+    rows_follow_input: bool = False  # the rows axis may change with the input (read from the tensor, not a constant)
+
+    @staticmethod
+    def heads_in_batch() -> ChunkLayout:
+        """[B, H, N, D] read as B*H rows of one head: the op's [B*H, N, D] is a Reshape of the per-head tensor."""
+        return ChunkLayout(4, (0, 1), None, 1, rows_follow_input=True)
 
     @staticmethod
     def of(probe: Probe, per_head: str) -> ChunkLayout:
@@ -60,16 +66,26 @@ class ChunkLayout:
         if self.head is not None and shape[self.head] != self.heads:
             raise NotFused(f"{name.rsplit('/', 1)[-1]} {shape} has {shape[self.head]} heads, the query {self.heads}")
         n_rows = {probe.shape(tensor, run)[rows] for run in range(len(probe.runs))}
-        if len(n_rows) != 1:
+        if len(n_rows) != 1 and not self.rows_follow_input:
             raise NotFused(f"chunk length of {tensor} changes with the input ({sorted(n_rows)})")
         perm = self._perm(rows, features)
-        target = np.array([-1, n_rows.pop(), self.heads * shape[features]], np.int64)
+        width = self.heads * shape[features]
         nodes, moved = _transposed(tensor, f"{name}_t", perm, f"{name}_transpose")
+        if self.rows_follow_input:  # [-1, rows of the tensor, H*D]
+            at = len(self.batch)
+            nodes += [helper.make_node("Shape", [moved], [f"{name}_rows"], start=at, end=at + 1, name=f"{name}_rows"),
+                      helper.make_node("Concat", [f"{name}_lead", f"{name}_rows", f"{name}_width"],
+                                       [f"{name}_shape"], axis=0, name=f"{name}_shape")]
+            inits = [constant(f"{name}_lead", np.array([-1], np.int64)),
+                     constant(f"{name}_width", np.array([width], np.int64))]
+        else:
+            inits = [constant(f"{name}_shape", np.array([-1, n_rows.pop(), width], np.int64))]
         nodes.append(helper.make_node("Reshape", [moved, f"{name}_shape"], [name], name=f"{name}_merge"))
 
         def value(run):
-            return probe.runs[run][tensor].transpose(perm).reshape(target)
-        return name, value, nodes, [constant(f"{name}_shape", target)]
+            x = probe.runs[run][tensor].transpose(perm)
+            return x.reshape(-1, x.shape[len(self.batch)], width)
+        return name, value, nodes, inits
 
     def qkv_into_op(self, probe: Probe, q: str, k: str, v: str, output: str, name: str, k_transposed: bool = False):
         """q, k, v into the op, and the op's output back to the graph's per-head `output`.
@@ -126,11 +142,16 @@ class ChunkLayout:
             return per_head_output, [helper.make_node("Identity", [op_output], [per_head_output],
                                                       name=f"{name}/output")], []
         perm = self._perm(rows, features)
-        tail = [out_shape[rows], *([self.heads] if self.head is not None else []), out_shape[features]]
         nodes, inits = self._batch_sizes(like, f"{name}/batch_dims")
-        nodes += [helper.make_node("Concat", [f"{name}/batch_dims", f"{name}/tail"], [f"{name}/unmerged_shape"],
-                                   axis=0, name=f"{name}/unmerged_shape"),
-                  ]
+        if self.rows_follow_input:  # the rows are the op output's own
+            tail = [*([self.heads] if self.head is not None else []), out_shape[features]]
+            nodes += [helper.make_node("Shape", [op_output], [f"{name}/rows"], start=1, end=2, name=f"{name}/rows"),
+                      helper.make_node("Concat", [f"{name}/batch_dims", f"{name}/rows", f"{name}/tail"],
+                                       [f"{name}/unmerged_shape"], axis=0, name=f"{name}/unmerged_shape")]
+        else:
+            tail = [out_shape[rows], *([self.heads] if self.head is not None else []), out_shape[features]]
+            nodes.append(helper.make_node("Concat", [f"{name}/batch_dims", f"{name}/tail"],
+                                          [f"{name}/unmerged_shape"], axis=0, name=f"{name}/unmerged_shape"))
         back = [int(a) for a in np.argsort(perm)]
         if back == sorted(back):  # the op's rows are the graph's: the Reshape writes the output itself
             nodes.append(helper.make_node("Reshape", [op_output, f"{name}/unmerged_shape"], [per_head_output],
@@ -147,9 +168,11 @@ class ChunkLayout:
             return x.transpose(perm).reshape(-1, x.shape[rows], self.heads * x.shape[features])
         return expected, nodes, inits
 
-    def bias_into_op(self, probe: Probe, bias: str, values: list[np.ndarray], like: str, name: str):
+    def bias_into_op(self, probe: Probe, bias: str, values: list[np.ndarray], like: str, name: str,
+                     full_batch: bool = False):
         """A bias broadcasting against the per-head scores [..., Nq, Nk] to [B' or 1, H or 1, Nq, Nk]; the batch
         axes' sizes are read from `like` when the bias changes along them (a mask that depends on the chunk).
+        `full_batch`: the caller knows the bias already spans `like`'s batch axes at every input shape.
         Returns (op input name, values per run, new nodes, new initializers)."""
         rank = np.ndim(values[0])
         if rank > self.rank:
@@ -159,6 +182,8 @@ class ChunkLayout:
         head_size = values[0].shape[self.head] if self.head is not None else 1
         perm = [*self.batch, *([self.head] if self.head is not None else []), self.rank - 2, self.rank - 1]
         per_batch = any(v.shape[a] != 1 for v in values for a in self.batch)
+        if per_batch and (full_batch or probe.same_symbolic_dims(tensor, like, self.batch)):
+            per_batch = False  # already the batch axes of `like` at every input shape: nothing to broadcast
         if per_batch:  # e.g. a mask that depends on the chunk: expand it over the whole batch first
             size_nodes, size_inits = self._batch_sizes(like, f"{name}/bias_batch")
             nodes = nodes + size_nodes + [

@@ -91,6 +91,15 @@ def match(index: GraphIndex, probe: Probe, anchor: onnx.NodeProto, name: str) ->
         # the scores are materialised for another reader: fuse the softmax and PV over them
         return _match_logits(index, probe, anchor, name, "")
     check_no_escape(index, nodes, output)
+    if anchor.op_type == "Softmax" and pv.input[0] == anchor.output[0] and _split_stays(index, nodes,
+                                                                                        chain.qk.input[0]):
+        # the graph reads the per-head q elsewhere too (MGK's bias reads |q|^2): the op reads the per-head tensors,
+        # heads folded into its batch, so the graph's split stays the one copy of q. Fed the merged q instead, the
+        # split would feed the bias alone, and onnxruntime's transpose optimizer moves such a lone Transpose down
+        # past the bias's broadcast, onto a [B, N, H, Nk] tensor: an N x Nk transpose per head on every run.
+        # the op's output takes PV's name, so nothing may keep PV (TorchScript reads its shape for the merge)
+        if all(c.op_type != "Shape" for c in index.consumers.get(pv.output[0], [])):
+            return _match_per_chunk(index, probe, anchor, chain, pv, ChunkLayout.heads_in_batch(), name)
 
     attrs = {"num_heads": heads, "scale": chain.scale * q_factor * k_factor, "causal": 0}
     bias_nodes, bias, bias_inits, bias_values = [], None, [], []
@@ -110,6 +119,12 @@ def match(index: GraphIndex, probe: Probe, anchor: onnx.NodeProto, name: str) ->
                  new_nodes + bias_nodes)
 
 
+def _split_stays(index: GraphIndex, nodes: list[onnx.NodeProto], per_head: str) -> bool:
+    """Whether the Transpose making `per_head` stays in the graph (keep_shared_layouts left it out of `nodes`)."""
+    producer = index.producer.get(per_head)
+    return producer is not None and producer.op_type == "Transpose" and all(n is not producer for n in nodes)
+
+
 def _match_per_chunk(index: GraphIndex, probe: Probe, anchor: onnx.NodeProto, chain: ScoreChain,
                      pv: onnx.NodeProto, layout: ChunkLayout, name: str) -> Match:
     """Attention on per-head tensors with extra leading axes (chunks), or relu^2 weights: the op reads the per-head
@@ -126,7 +141,11 @@ def _match_per_chunk(index: GraphIndex, probe: Probe, anchor: onnx.NodeProto, ch
     attrs = {"num_heads": layout.heads, "scale": chain.scale, "causal": 0, "score_fn": score_fn}
     if chain.has_bias:
         bias_nodes, bias, bias_inits, bias_values = chain_bias(index, probe, chain, name, rank4=False)
-        bias, bias_value, more_nodes, more_inits = layout.bias_into_op(probe, bias, bias_values, like=q, name=name)
+        # a bias read from graph tensors that span q's batch axes (by the exporter's symbolic shapes) spans them too
+        full = all(any(probe.same_symbolic_dims(side, q, [axis]) for side in chain.side_inputs(index))
+                   for axis in layout.batch)
+        bias, bias_value, more_nodes, more_inits = layout.bias_into_op(probe, bias, bias_values, like=q, name=name,
+                                                                       full_batch=full)
         inputs, values = inputs + [bias], values + [bias_value]
         new_nodes, new_inits = new_nodes + bias_nodes + more_nodes, new_inits + bias_inits + more_inits
     why = verify_numerically(OP, probe, values, expected, attrs)
