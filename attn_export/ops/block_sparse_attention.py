@@ -119,23 +119,35 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
     flat_index = b.op("Add", clamped, head_offset)
     flat_shape = b.op("Concat", b.dim(shape, 0), b.const([-1, bs]), head_dim, axis=0)
     gathered_shape = b.op("Concat", b.dim(shape, 0), b.dim(shape, 1), nb, b.const([-1]), head_dim, axis=0)
-    kg, vg = (b.op("Reshape", b.op("Gather", b.op("Reshape", t, flat_shape), flat_index, axis=1), gathered_shape)
-              for t in (kb, vb))  # [B,H,nb,m*bs,D]
+    # an invalid slot reads a zero key block appended after the H*nb real ones: its score is q.0 = 0, so the -inf
+    # mask added below leaves exactly -inf there (a key it must not see never reaches the row, NaN or not); a
+    # duplicate slot reads its block's own keys, whose scores the row already holds where they count
+    k_flat = b.op("Reshape", kb, flat_shape)  # [B,H*nb,bs,D]
+    zero_block = b.op("ConstantOfShape", b.op("Concat", b.dim(shape, 0), b.const([1, bs]), head_dim, axis=0),
+                      value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    k_pool = b.op("Concat", k_flat, zero_block, axis=1)
+    k_index = b.op("Where", valid, flat_index, b.op("Mul", b.const(heads), nb))
+    kg = b.op("Reshape", b.op("Gather", k_pool, k_index, axis=1), gathered_shape)  # [B,H,nb,m*bs,D]
+    vg = b.op("Reshape", b.op("Gather", b.op("Reshape", vb, flat_shape), flat_index, axis=1), gathered_shape)
 
-    scores = b.op("Mul", b.op("MatMul", qb, b.transpose_last(kg, 5)), scale_t)  # [B,H,nb,bs,m*bs]
+    # the mask is additive (0 or -inf per slot, with the key bias folded in on the small gathered tensor): one Add
+    # over the scores instead of a Where, which onnxruntime runs several times slower
+    neg_inf = b.const(-np.inf, np.float32)
+    slot_visible = b.unsqueeze(visible, [-1])  # [H,nb,m,1]
     if key_bias:
         kbias = b.op("Cast", key_bias, to=1)
         kbias_blocks = b.op("Reshape", kbias, b.op("Concat", b.dim(shape, 0), b.const([-1, bs]), axis=0))  # [B,nb,bs]
         gathered_bias = b.op("Gather", kbias_blocks, clamped, axis=1)  # [B,H,nb,m,bs]
-        gathered_bias = b.op("Reshape", gathered_bias,
-                             b.op("Concat", b.dim(shape, 0), b.dim(shape, 1), nb, b.const([1, -1]), axis=0))
-        scores = b.op("Add", scores, gathered_bias)
-    key_visible = b.op("Expand", b.unsqueeze(visible, [-1]),
-                       b.op("Concat", b.const([heads]), nb, m, b.const([bs]), axis=0))
-    key_visible = b.op("Reshape", key_visible, b.op("Concat", b.const([heads]), nb, b.const([1, -1]), axis=0))
-    neg_inf = b.const(-np.inf, np.float32)
-    probs = _softmax_or_zeros(b, b.op("Where", key_visible, scores, neg_inf))
-    out_blocks = b.op("MatMul", probs, vg)  # [B,H,nb,bs,D]
+        mask = b.op("Where", slot_visible, gathered_bias, neg_inf)
+        mask_shape = b.op("Concat", b.dim(shape, 0), b.dim(shape, 1), nb, b.const([1, -1]), axis=0)
+    else:
+        mask = b.op("Where", slot_visible, b.const(0.0, np.float32), neg_inf)  # [H,nb,m,1]
+        mask = b.op("Expand", mask, b.op("Concat", b.const([heads]), nb, m, b.const([bs]), axis=0))
+        mask_shape = b.op("Concat", b.const([heads]), nb, b.const([1, -1]), axis=0)
+    mask = b.op("Reshape", mask, mask_shape)  # [B or 1,H,nb,1,m*bs]
+    scores = b.op("Add", b.op("Mul", b.op("MatMul", qb, b.transpose_last(kg, 5)), scale_t), mask)
+    probs = b.op("Softmax", scores, axis=-1)  # [B,H,nb,bs,m*bs]
+    out_blocks = _zero_dead_rows(b, scores, b.op("MatMul", probs, vg))  # [B,H,nb,bs,D]
 
     if g:
         # global rows attend densely to every key: rows [0, g) and [max(nb-g, g), nb)
@@ -149,7 +161,7 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
         dense_scores = b.op("Mul", b.op("MatMul", q_rows, b.transpose_last(k, 4)), scale_t)
         if key_bias:  # a key bias of -inf can empty a global row too
             dense_scores = b.op("Add", dense_scores, b.unsqueeze(kbias, [1, 2]))
-            dense = b.op("MatMul", _softmax_or_zeros(b, dense_scores), v)
+            dense = _zero_dead_rows(b, dense_scores, b.op("MatMul", b.op("Softmax", dense_scores, axis=-1), v))
         else:
             dense = b.op("MatMul", b.op("Softmax", dense_scores, axis=-1), v)  # every key visible: no empty row
         dense = b.op("Reshape", dense, blocked)  # [B,H,rows,bs,D]
@@ -162,11 +174,11 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
     b.merge_heads(b.op("CastLike", b.op("Reshape", out_blocks, b.op("Shape", q)), dtype_ref), outputs[0])
 
 
-def _softmax_or_zeros(b: OnnxBuilder, scores: str) -> str:
-    """Softmax over the last axis; a row whose scores are all -inf gives zeros, not 0/0 (NaN rows stay NaN)."""
-    probs = b.op("Softmax", scores, axis=-1)
+def _zero_dead_rows(b: OnnxBuilder, scores: str, out: str) -> str:
+    """A row whose scores are all -inf (0/0 in softmax) outputs zeros; NaN from the inputs stays NaN. The row max
+    tells (one read of the scores); the zeros are written on the output, O(N * D), not on the weights."""
     dead = b.op("Equal", b.reduce("ReduceMax", scores, [-1]), b.const(-np.inf, np.float32))
-    return b.op("Where", dead, b.const(0.0, np.float32), probs)
+    return b.op("Where", dead, b.const(0.0, np.float32), out)
 
 
 CONTRACT = OpContract(

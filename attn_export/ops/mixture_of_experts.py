@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import torch
+from onnx import numpy_helper
 
 from .contract import Attribute, OpContract, TensorSpec, shape_of_first_input
 from .onnx_builder import OnnxBuilder
@@ -43,7 +44,9 @@ def reference(hidden, router, expert_in, expert_out, *, capacity=0, capacity_fac
 
 
 def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict) -> None:
-    """GShard-style static dispatch: D[b, t, e, c] one-hot, expert inputs D^T x as one batched MatMul."""
+    """Routed dispatch: each kept token is scattered into its expert's slot (row e*C + place - 1 of its group), the
+    experts run as one batched MatMul over their [C, d] slots, and each token gathers its slot back. Dispatch and
+    combine move O(T * d) numbers; the GShard one-hot matmuls D^T x and D y cost O(T * E * C * d) products."""
     hidden, router, expert_in, expert_out = inputs
     x = b.op("Cast", hidden, to=1)
     probs = b.op("Softmax", b.op("MatMul", x, b.op("Cast", router, to=1)), axis=-1)  # [B,T,E]
@@ -51,31 +54,40 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
     gate = b.op("GatherElements", probs, choice, axis=2)  # [B,T,1]
     experts = b.dim(b.op("Shape", router), 1)
     expert_ids = b.op("Range", b.const(0), b.op("Squeeze", experts), b.const(1))
-    chosen = b.op("Cast", b.op("Equal", choice, expert_ids), to=1)  # [B,T,E]
-    place = b.op("Mul", b.op("CumSum", chosen, b.const(1)), chosen)  # 1-based, 0 elsewhere
+    chosen = b.op("Cast", b.op("Equal", choice, expert_ids), to=7)  # [B,T,E] 0/1
+    # 1-based place of each token in its expert's queue, in sequence order within the group
+    place = b.reduce("ReduceSum", b.op("Mul", b.op("CumSum", chosen, b.const(1)), chosen), [-1])  # [B,T,1]
 
-    tokens = b.dim(b.op("Shape", x), 1)
+    x_shape = b.op("Shape", x)
+    batch, tokens, width = b.dim(x_shape, 0), b.dim(x_shape, 1), b.dim(x_shape, 2)
     if attrs["capacity"]:
         capacity = b.const([attrs["capacity"]])
     else:
         ratio = b.op("Div", b.op("Mul", b.op("Cast", tokens, to=1), b.const([attrs["capacity_factor"]], np.float32)),
                      b.op("Cast", experts, to=1))
         capacity = b.op("Cast", b.op("Ceil", ratio), to=7)
-    slots = b.op("Cast", b.op("Range", b.const(1), b.op("Add", b.op("Squeeze", capacity), b.const(1)), b.const(1)),
-                 to=1)  # [C] = 1..C
-    dispatch = b.op("Cast", b.op("Equal", b.unsqueeze(place, [-1]), slots), to=1)  # [B,T,E,C]
-    shape = b.op("Shape", dispatch)
-    flat = b.op("Concat", b.dim(shape, 0), b.dim(shape, 1), b.const([-1]), axis=0)
-    dispatch_flat = b.op("Reshape", dispatch, flat)  # [B,T,E*C]
-    expert_x = b.op("MatMul", b.op("Transpose", dispatch_flat, perm=[0, 2, 1]), x)  # [B,E*C,d]
-    per_expert = b.op("Concat", b.dim(shape, 0), experts, b.dim(shape, 3), b.const([-1]), axis=0)
-    expert_x = b.op("Transpose", b.op("Reshape", expert_x, per_expert), perm=[1, 0, 2, 3])  # [E,B,C,d]
-    h = b.op("MatMul", expert_x, b.unsqueeze(b.op("Cast", expert_in, to=1), [1]))  # [E,B,C,F]
+    kept = b.op("LessOrEqual", place, capacity)  # [B,T,1]
+    slots = b.op("Mul", experts, capacity)  # E*C per group
+    group_start = b.unsqueeze(b.op("Mul", b.op("Range", b.const(0), b.op("Squeeze", batch), b.const(1)),
+                                   slots), [1, 2])  # [B,1,1]
+    slot = b.op("Add", b.op("Add", b.op("Mul", choice, capacity), b.op("Sub", place, b.const(1))), group_start)
+    all_slots = b.op("Mul", batch, slots)  # B*E*C
+    # a dropped token writes the spare row after the last slot (never read back)
+    row = b.op("Reshape", b.op("Where", kept, slot, all_slots), b.const([-1, 1]))  # [B*T,1]
+    pool = b.op("ConstantOfShape", b.op("Concat", b.op("Add", all_slots, b.const([1])), width, axis=0),
+                value=numpy_helper.from_array(np.zeros(1, np.float32)))  # [B*E*C+1,d]
+    token_rows = b.op("Reshape", x, b.op("Concat", b.const([-1]), width, axis=0))  # [B*T,d]
+    expert_x = b.op("Slice", b.op("ScatterND", pool, row, token_rows), b.const([0]), all_slots, b.const([0]))
+    expert_x = b.op("Reshape", expert_x, b.op("Concat", batch, experts, capacity, width, axis=0))  # [B,E,C,d]
+    # [B,E,C,d] @ [E,d,F]: the batch axes broadcast, each expert's weights meet its own slots
+    h = b.op("MatMul", expert_x, b.op("Cast", expert_in, to=1))  # [B,E,C,F]
     h = b.op("Relu", h) if attrs["activation"] == "relu" else b.op("Gelu", h)
-    y = b.op("MatMul", h, b.unsqueeze(b.op("Cast", expert_out, to=1), [1]))  # [E,B,C,d]
-    y = b.op("Reshape", b.op("Transpose", y, perm=[1, 0, 2, 3]),
-             b.op("Concat", b.dim(shape, 0), b.const([-1]), b.dim(b.op("Shape", x), 2), axis=0))  # [B,E*C,d]
-    combined = b.op("Mul", b.op("MatMul", dispatch_flat, y), gate)  # [B,T,d]
+    y = b.op("MatMul", h, b.op("Cast", expert_out, to=1))  # [B,E,C,d]
+    y_rows = b.op("Reshape", y, b.op("Concat", b.const([-1]), width, axis=0))  # [B*E*C,d]
+    # each token reads its slot back (a dropped one reads slot 0 and is zeroed), weighted by its gate
+    back = b.op("Where", kept, slot, b.const(0))  # [B,T,1]
+    gathered = b.op("Gather", y_rows, b.op("Squeeze", back, b.const([2])), axis=0)  # [B,T,d]
+    combined = b.op("Where", kept, b.op("Mul", gathered, gate), b.const(0.0, np.float32))
     b.op("CastLike", combined, hidden, outputs=[outputs[0]])
 
 

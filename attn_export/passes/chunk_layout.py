@@ -21,11 +21,19 @@ class ChunkLayout:
     batch: tuple[int, ...]
     head: int | None
     heads: int
+    rows_follow_input: bool = False  # the rows axis may change with the input (read from the tensor, not a constant)
+
+    @staticmethod
+    def heads_in_batch() -> ChunkLayout:
+        """[B, H, N, D] read as B*H rows of one head: the op's [B*H, N, D] is a Reshape of the per-head tensor."""
+        return ChunkLayout(4, (0, 1), None, 1, rows_follow_input=True)
 
     @staticmethod
     def of(probe: Probe, per_head: str) -> ChunkLayout:
-        """[B, H, N, D]: head axis 1. [B, H, G, C, D]: head axis 1, batch (0, 2). [B, G, C, D] whose axis 1 changes
-        with the input's length: no head axis, batch (0, 1). [B, N, D]: one head."""
+        """[B, H, N, D]: head axis 1. [B, H, G, C, D]: heads and chunks both join the batch, (0, 1, 2), one head per
+        op row: the op's [B*H*G, C, D] is then a Reshape of the graph's tensor (no Transpose into or out of the op,
+        none in its decomposition). [B, G, C, D] whose axis 1 changes with the input's length: no head axis,
+        batch (0, 1). [B, N, D]: one head."""
         shapes = [probe.shape(per_head, run) for run in range(len(probe.runs))]
         rank = len(shapes[0] or ())
         if rank == 3:
@@ -34,7 +42,7 @@ class ChunkLayout:
             return ChunkLayout(4, (0,), 1, shapes[0][1]) if len({s[1] for s in shapes}) == 1 else \
                 ChunkLayout(4, (0, 1), None, 1)
         if rank == 5:
-            return ChunkLayout(5, (0, 2), 1, shapes[0][1])
+            return ChunkLayout(5, (0, 1, 2), None, 1)
         raise NotFused(f"per-head tensor {shapes[0]} is neither [B, H, N, D] nor chunked [B, H, G, C, D]")
 
     def _batch_sizes(self, like: str, out: str, rewrite: Rewrite) -> str:
@@ -56,15 +64,24 @@ class ChunkLayout:
         if self.head is not None and shape[self.head] != self.heads:
             raise NotFused(f"{name.rsplit('/', 1)[-1]} {shape} has {shape[self.head]} heads, the query {self.heads}")
         n_rows = {probe.shape(tensor, run)[rows] for run in range(len(probe.runs))}
-        if len(n_rows) != 1:
+        if len(n_rows) != 1 and not self.rows_follow_input:
             raise NotFused(f"chunk length of {tensor} changes with the input ({sorted(n_rows)})")
         perm = self._perm(rows, features)
-        target = np.array([-1, n_rows.pop(), self.heads * shape[features]], np.int64)
-        moved = rewrite.node("Transpose", [tensor], f"{name}_t", name=f"{name}_transpose", perm=perm)
-        rewrite.node("Reshape", [moved, rewrite.constant(f"{name}_shape", target)], name, name=f"{name}_merge")
+        width = self.heads * shape[features]
+        moved = _transposed(tensor, f"{name}_t", perm, f"{name}_transpose", rewrite)
+        if self.rows_follow_input:  # [-1, rows of the tensor, H*D]
+            at = len(self.batch)
+            rows_now = rewrite.node("Shape", [moved], f"{name}_rows", name=f"{name}_rows", start=at, end=at + 1)
+            target = rewrite.node("Concat", [rewrite.constant(f"{name}_lead", np.array([-1], np.int64)), rows_now,
+                                             rewrite.constant(f"{name}_width", np.array([width], np.int64))],
+                                  f"{name}_shape", name=f"{name}_shape", axis=0)
+        else:
+            target = rewrite.constant(f"{name}_shape", np.array([-1, n_rows.pop(), width], np.int64))
+        rewrite.node("Reshape", [moved, target], name, name=f"{name}_merge")
 
         def value(run):
-            return probe.runs[run][tensor].transpose(perm).reshape(target)
+            x = probe.runs[run][tensor].transpose(perm)
+            return x.reshape(-1, x.shape[len(self.batch)], width)
         return name, value
 
     def qkv_into_op(self, probe: Probe, q: str, k: str, v: str, output: str, name: str, rewrite: Rewrite,
@@ -80,8 +97,9 @@ class ChunkLayout:
 
     def concatenated_into_op(self, probe: Probe, parts: list[str], like: str, name: str, rewrite: Rewrite):
         """Per-head [.., rows_i, D] tensors joined on the row axis, straight into the op's [B', sum rows_i, H*D]: each
-        part is transposed first and expanded to the batch axes of `like` (a set shared by every chunk has 1 there),
-        so the joined tensor is written once, already in the op's layout. Returns (op input name, its name again:
+        part is transposed first and expanded to the batch axes of `like` (a set shared by every chunk has 1 there;
+        one whose batch axes are `like`'s by the exporter's symbolic shapes is not copied), so the joined tensor is
+        written once, already in the op's layout. Returns (op input name, its name again:
         the caller evaluates the rewrite to read its value)."""
         rows, features = self.rank - 2, self.rank - 1
         perm = self._perm(rows, features)
@@ -93,7 +111,10 @@ class ChunkLayout:
                 raise NotFused(f"{part} {shape} has {shape[self.head]} heads, the query {self.heads}")
             tail = [shape[rows], *([self.heads] if self.head is not None else []), shape[features]]
             total_rows += shape[rows]
-            moved = rewrite.node("Transpose", [part], f"{name}{i}_t", name=f"{name}{i}_transpose", perm=perm)
+            moved = _transposed(part, f"{name}{i}_t", perm, f"{name}{i}_transpose", rewrite)
+            if probe.same_symbolic_dims(part, like, self.batch):  # already one set per chunk: nothing to copy
+                joined.append(moved)
+                continue
             target = rewrite.node("Concat", [batch, rewrite.constant(f"{name}{i}_tail", np.array(tail, np.int64))],
                                   f"{name}{i}_target", name=f"{name}{i}_target", axis=0)
             joined.append(rewrite.node("Expand", [moved, target], f"{name}{i}", name=f"{name}{i}_expand"))
@@ -113,22 +134,31 @@ class ChunkLayout:
             rewrite.node("Identity", [op_output], per_head_output, name=f"{name}/output")
             return per_head_output
         perm = self._perm(rows, features)
-        tail = [out_shape[rows], *([self.heads] if self.head is not None else []), out_shape[features]]
         batch = self._batch_sizes(like, f"{name}/batch_dims", rewrite)
-        unmerged_shape = rewrite.node("Concat", [batch, rewrite.constant(f"{name}/tail", np.array(tail, np.int64))],
-                                      f"{name}/unmerged_shape", name=f"{name}/unmerged_shape", axis=0)
-        unmerged = rewrite.node("Reshape", [op_output, unmerged_shape], f"{name}/unmerged", name=f"{name}/unmerge")
-        rewrite.node("Transpose", [unmerged], per_head_output, name=f"{name}/output_transpose",
-                     perm=list(np.argsort(perm)))
+        tail = [*([self.heads] if self.head is not None else []), out_shape[features]]
+        if self.rows_follow_input:  # the rows are the op output's own
+            rows_now = rewrite.node("Shape", [op_output], f"{name}/rows", name=f"{name}/rows", start=1, end=2)
+            parts = [batch, rows_now, rewrite.constant(f"{name}/tail", np.array(tail, np.int64))]
+        else:
+            parts = [batch, rewrite.constant(f"{name}/tail", np.array([out_shape[rows], *tail], np.int64))]
+        unmerged_shape = rewrite.node("Concat", parts, f"{name}/unmerged_shape", name=f"{name}/unmerged_shape", axis=0)
+        back = [int(a) for a in np.argsort(perm)]
+        if back == sorted(back):  # the op's rows are the graph's: the Reshape writes the output itself
+            rewrite.node("Reshape", [op_output, unmerged_shape], per_head_output, name=f"{name}/unmerge")
+        else:
+            unmerged = rewrite.node("Reshape", [op_output, unmerged_shape], f"{name}/unmerged", name=f"{name}/unmerge")
+            rewrite.node("Transpose", [unmerged], per_head_output, name=f"{name}/output_transpose", perm=back)
 
         def expected(run):
             x = probe.runs[run][per_head_output]
             return x.transpose(perm).reshape(-1, x.shape[rows], self.heads * x.shape[features])
         return expected
 
-    def bias_into_op(self, probe: Probe, bias: str, values: list[np.ndarray], like: str, name: str, rewrite: Rewrite):
+    def bias_into_op(self, probe: Probe, bias: str, values: list[np.ndarray], like: str, name: str, rewrite: Rewrite,
+                     full_batch: bool = False):
         """A bias broadcasting against the per-head scores [..., Nq, Nk] to [B' or 1, H or 1, Nq, Nk]; the batch
         axes' sizes are read from `like` when the bias changes along them (a mask that depends on the chunk).
+        `full_batch`: the caller knows the bias already spans `like`'s batch axes at every input shape.
         Returns (op input name, values per run)."""
         rank = np.ndim(values[0])
         if rank > self.rank:
@@ -138,6 +168,8 @@ class ChunkLayout:
         head_size = values[0].shape[self.head] if self.head is not None else 1
         perm = [*self.batch, *([self.head] if self.head is not None else []), self.rank - 2, self.rank - 1]
         per_batch = any(v.shape[a] != 1 for v in values for a in self.batch)
+        if per_batch and (full_batch or probe.same_symbolic_dims(tensor, like, self.batch)):
+            per_batch = False  # already the batch axes of `like` at every input shape: nothing to broadcast
         if per_batch:  # e.g. a mask that depends on the chunk: expand it over the whole batch first
             batch = self._batch_sizes(like, f"{name}/bias_batch", rewrite)
             target = rewrite.node("ScatterElements", [
@@ -145,7 +177,7 @@ class ChunkLayout:
                 f"{name}/bias_target", name=f"{name}/bias_target")
             tensor = rewrite.node("Expand", [tensor, target], f"{name}/bias_full", name=f"{name}/bias_expand")
         # [-1, H or 1, Nq, Nk], Nq and Nk read from the bias itself: they follow the sequence where it is not chunked
-        moved = rewrite.node("Transpose", [tensor], f"{name}/bias_t", name=f"{name}/bias_transpose", perm=perm)
+        moved = _transposed(tensor, f"{name}/bias_t", perm, f"{name}/bias_transpose", rewrite)
         rows_keys = rewrite.node("Shape", [moved], f"{name}/bias_rows_keys", name=f"{name}/bias_rows_keys", start=-2)
         batch_heads = rewrite.constant(f"{name}/bias_batch_heads", np.array([-1, head_size], np.int64))
         shape = rewrite.node("Concat", [batch_heads, rows_keys], f"{name}/bias_shape", name=f"{name}/bias_shape",
@@ -159,3 +191,10 @@ class ChunkLayout:
                 v = np.broadcast_to(v, [like_shape[a] if a in self.batch else v.shape[a] for a in range(self.rank)])
             return np.ascontiguousarray(v.transpose(perm).reshape(-1, head_size, *v.shape[-2:]))
         return op_bias, value
+
+
+def _transposed(tensor: str, out: str, perm: list[int], name: str, rewrite: Rewrite) -> str:
+    """`tensor` moved by `perm`; no Transpose (no copy to write) when `perm` moves nothing."""
+    if list(perm) == sorted(perm):
+        return tensor
+    return rewrite.node("Transpose", [tensor], out, name=name, perm=list(perm))

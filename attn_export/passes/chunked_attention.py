@@ -29,7 +29,11 @@ def match(index: GraphIndex, probe: Probe, anchor: onnx.NodeProto, chain: ScoreC
     attrs = {"num_heads": layout.heads, "scale": chain.scale, "causal": 0, "score_fn": score_fn}
     if chain.has_bias:
         bias, bias_values = chain_bias(index, probe, chain, name, rewrite, rank4=False)
-        bias, bias_value = layout.bias_into_op(probe, bias, bias_values, like=q, name=name, rewrite=rewrite)
+        # a bias read from graph tensors that span q's batch axes (by the exporter's symbolic shapes) spans them too
+        full = all(any(probe.same_symbolic_dims(side, q, [axis]) for side in chain.side_inputs(index))
+                   for axis in layout.batch)
+        bias, bias_value = layout.bias_into_op(probe, bias, bias_values, like=q, name=name, rewrite=rewrite,
+                                               full_batch=full)
         inputs, values = inputs + [bias], values + [bias_value]
     why = verify_numerically(OP, probe, values, expected, attrs)
     if why:

@@ -82,6 +82,15 @@ def match(index: GraphIndex, probe: Probe, anchor: onnx.NodeProto, name: str) ->
         # the scores are materialised for another reader: fuse the softmax and PV over them
         return materialised_logits.match(index, probe, anchor, name, "")
     check_no_escape(index, nodes, output)
+    if anchor.op_type == "Softmax" and pv.input[0] == anchor.output[0] and _split_stays(index, nodes,
+                                                                                        chain.qk.input[0]):
+        # the graph reads the per-head q elsewhere too (MGK's bias reads |q|^2): the op reads the per-head tensors,
+        # heads folded into its batch, so the graph's split stays the one copy of q. Fed the merged q instead, the
+        # split would feed the bias alone, and onnxruntime's transpose optimizer moves such a lone Transpose down
+        # past the bias's broadcast, onto a [B, N, H, Nk] tensor: an N x Nk transpose per head on every run.
+        # the op's output takes PV's name, so nothing may keep PV (TorchScript reads its shape for the merge)
+        if all(c.op_type != "Shape" for c in index.consumers.get(pv.output[0], [])):
+            return chunked_attention.match(index, probe, anchor, chain, pv, ChunkLayout.heads_in_batch(), name)
 
     attrs = {"num_heads": heads, "scale": chain.scale * q_factor * k_factor, "causal": 0}
     bias, bias_values = None, []
@@ -100,6 +109,12 @@ def match(index: GraphIndex, probe: Probe, anchor: onnx.NodeProto, name: str) ->
     if why:
         raise NotFused(f"the op's reference does not reproduce the graph: {why}")
     return rewrite.match(OP, name, op_inputs + ([bias] if bias else []), op_output, attrs, nodes)
+
+
+def _split_stays(index: GraphIndex, nodes: list[onnx.NodeProto], per_head: str) -> bool:
+    """Whether the Transpose making `per_head` stays in the graph (keep_shared_layouts left it out of `nodes`)."""
+    producer = index.producer.get(per_head)
+    return producer is not None and producer.op_type == "Transpose" and all(n is not producer for n in nodes)
 
 
 def _read_tensors(nodes: list) -> set[str]:

@@ -105,6 +105,11 @@ class Probe:
 
     def __init__(self, model: onnx.ModelProto):
         self.shapes = probe_shapes(model)
+        # the exporter's symbolic shapes ("batch", "(seq//8)", 4), where it wrote them: what holds at every shape
+        self.symbols = {v.name: tuple(d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
+                                      for d in v.type.tensor_type.shape.dim)
+                        for v in [*model.graph.input, *model.graph.value_info, *model.graph.output]
+                        if v.type.tensor_type.HasField("shape")}
         self.feeds = [random_inputs(model, s, seed=i) for i, s in enumerate(self.shapes)]
         masks = mask_inputs(model)
         if masks and all(self.shapes[0][name][0] > 1 for name in masks):
@@ -129,6 +134,14 @@ class Probe:
     def shape(self, name: str, run: int = 0) -> tuple | None:
         value = self.runs[run].get(name)
         return None if value is None else tuple(np.shape(value))
+
+    def same_symbolic_dims(self, a: str, b: str, axes) -> bool:
+        """Whether `a` and `b` have the same size on `axes` at every input shape, as the exporter's symbolic shapes
+        state it (False where it wrote none)."""
+        sa, sb = self.symbols.get(a), self.symbols.get(b)
+        if sa is None or sb is None or len(sa) != len(sb):
+            return False
+        return all(sa[i] is not None and sa[i] == sb[i] for i in axes)
 
     def same_shape_in_all(self, a: str, b: str) -> bool:
         return all(self.shape(a, r) is not None and self.shape(a, r) == self.shape(b, r) for r in range(len(self.runs)))
