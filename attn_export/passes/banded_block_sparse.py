@@ -24,7 +24,6 @@ from .probe import Probe
 from .softmax_core import softmax_nodes, value_product
 
 OP = BLOCK_SPARSE_ATTENTION
-_HIDDEN_CACHE: dict[int, tuple[GraphIndex, set[str]]] = {}
 
 
 def candidates(index: GraphIndex, probe: Probe):
@@ -40,7 +39,7 @@ def candidates(index: GraphIndex, probe: Probe):
 
 
 def match(index: GraphIndex, probe: Probe, group: tuple, name: str) -> Match:
-    hidden = _hidden_tensors(index)
+    hidden = index.from_weights
     qk = sorted({t for s in group for t in _frontier(index, probe, s.input[0], hidden)}, key=_position(index))
     if len(qk) != 2 or not probe.same_shape_in_all(qk[0], qk[1]):
         raise NotFused(f"the scores read {len(qk)} projected tensors, expected a query and a key of one shape")
@@ -88,27 +87,6 @@ def _weights_product(index: GraphIndex, softmax: onnx.NodeProto) -> bool:
 
 def _position(index: GraphIndex):
     return lambda t: index.position[id(index.producer[t])] if t in index.producer else -1
-
-
-def _hidden_tensors(index: GraphIndex) -> set[str]:
-    """Tensors computed from the model's weights (the hidden states and all that follows them); the rest that is
-    dynamic is computed from the inputs alone, here the attention mask. One sweep per graph, cached."""
-    cached = _HIDDEN_CACHE.get(id(index.model))
-    if cached is not None and cached[0] is index:
-        return cached[1]
-    weights = {name for name, t in index.initializers.items()
-               if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-               and len(t.dims) >= 2}
-    hidden: set[str] = set()
-    for node in index.nodes:
-        if all(o in index.static for o in node.output if o):
-            continue  # a shape read off the hidden states is known before the data
-        if any(i in hidden for i in node.input) or (
-                node.op_type in ("MatMul", "Gemm", "Gather", "Conv") and any(i in weights for i in node.input)):
-            hidden.update(o for o in node.output if o)
-    _HIDDEN_CACHE.clear()
-    _HIDDEN_CACHE[id(index.model)] = (index, hidden)
-    return hidden
 
 
 def _frontier(index: GraphIndex, probe: Probe, tensor: str, hidden: set[str]) -> set[str]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import deque
+from functools import cached_property
 
 import onnx
 
@@ -37,6 +38,22 @@ class GraphIndex:
             if node.op_type in SHAPE_OPS or (node.op_type not in RANDOM_OPS and all(i in static for i in inputs)):
                 static.update(o for o in node.output if o)
         return static
+
+    @cached_property
+    def from_weights(self) -> set[str]:
+        """Data tensors computed from the model's weights (the hidden states and all that follows them); the other
+        data tensors are computed from the inputs alone (an attention mask, position ids)."""
+        weights = {name for name, t in self.initializers.items()
+                   if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+                   and len(t.dims) >= 2}
+        derived: set[str] = set()
+        for node in self.nodes:
+            if all(o in self.static for o in node.output if o):
+                continue  # a shape read off the hidden states is known before the data
+            if any(i in derived for i in node.input) or (
+                    node.op_type in ("MatMul", "Gemm", "Gather", "Conv") and any(i in weights for i in node.input)):
+                derived.update(o for o in node.output if o)
+        return derived
 
     def is_static(self, name: str) -> bool:
         return name in self.static
