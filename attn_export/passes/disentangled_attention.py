@@ -26,7 +26,7 @@ from .framework import (LAYOUT_OPS, FamilyPass, Match, NotFused, Rewrite, closed
                         register, run_nodes, scalar_value, unsqueeze_to_rank, verify_numerically)
 from .graph import GraphIndex
 from .probe import Probe
-from .score_chain import CHAIN_OPS
+from .score_chain import score_chain
 from .softmax_core import axis_is_last, softmax_nodes, value_product
 
 OP = DISENTANGLED_ATTENTION
@@ -127,30 +127,17 @@ def _walk(index: GraphIndex, probe: Probe, tensor: str, through_gather: bool):
         tensor = dynamic[0]
 
 
-def _carries_scores(index: GraphIndex, tensor: str, boundary: set[str]) -> bool:
-    return any(n.op_type == "MatMul" for n in index.ancestors(tensor, stop=boundary))
+def _holds_a_position_product(index: GraphIndex, tensor: str) -> bool:
+    """Whether `tensor` is computed from a product of the data with a static table (a relative term), not a mask."""
+    return any(_is_position_product(index, n) for n in _score_ancestry(index, tensor))
 
 
-def _score_chain(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, boundary: set[str]):
-    """From the softmax input up to the sum of the terms: the steps (node, slot of the scores) from the sum down,
-    and the sum's tensor."""
-    steps, tensor = [], softmax.input[0]
-    while True:
-        node = index.producer.get(tensor)
-        if node is None:
-            raise NotFused("no score product feeds the softmax")
-        carriers = [i for i, t in enumerate(node.input)
-                    if t and not index.is_static(t) and _carries_scores(index, t, boundary)]
-        if node.op_type == "MatMul" or (node.op_type == "Add" and len(carriers) == 2):
-            steps.reverse()
-            return steps, tensor
-        if len(carriers) != 1:
-            raise NotFused(f"{node.op_type} '{node.name}' between the scores and the softmax combines the scores "
-                           "with themselves")
-        if node.op_type not in CHAIN_OPS | LAYOUT_OPS:
-            raise NotFused(f"unexpected {node.op_type} '{node.name}' between the score sum and the softmax")
-        steps.append((node, carriers[0]))
-        tensor = node.input[carriers[0]]
+def _scaling(index: GraphIndex, probe: Probe, node: onnx.NodeProto) -> float:
+    """The factor a chain step scales the scores by (score_chain has checked it is a constant scalar): 1 if none."""
+    if node.op_type not in ("Mul", "Div"):
+        return 1.0
+    value = scalar_value(index, probe, next(i for i in node.input if index.is_static(i)))
+    return value if node.op_type == "Mul" else 1.0 / value
 
 
 def _terms(index: GraphIndex, probe: Probe, total: str) -> list[_Term]:
@@ -278,25 +265,15 @@ def _reads_relative_index(probe: Probe, gathers: list[tuple[onnx.NodeProto, bool
 
 
 def _bias(index: GraphIndex, probe: Probe, steps: list, sides: list[str], name: str, rewrite: Rewrite):
-    """The chain between the score sum and the softmax applied to a zero score (its layout steps dropped: a zero
-    has none), rank 4, its nodes added to `rewrite`. Returns (scale factor of the chain, bias or None, values)."""
-    factor, nodes = 1.0, []
+    """The chain's steps that add no position term, applied to a zero score (its layout steps and scalings dropped:
+    a zero has none, and the scalings are the op's scale), rank 4, its nodes added to `rewrite`. Returns (bias or
+    None, values)."""
+    nodes = []
     zero = f"{name}/zero_scores"
     carrier = zero
     for node, slot in steps:
-        if node.op_type in LAYOUT_OPS - {"Cast"}:
+        if node.op_type in (LAYOUT_OPS - {"Cast"}) | {"Mul", "Div"}:
             continue
-        if node.op_type in ("Mul", "Div"):
-            value = scalar_value(index, probe, node.input[1 - slot])
-            if value is None or value == 0 or (node.op_type == "Div" and slot != 0):
-                raise NotFused(f"the scores are scaled by a non-constant or per-element tensor "
-                               f"({node.op_type} '{node.name}')")
-            factor *= value if node.op_type == "Mul" else 1.0 / value
-            continue
-        if node.op_type == "Sub" and slot != 0:
-            raise NotFused("the scores are subtracted from another tensor")
-        if node.op_type == "Where" and slot == 0:
-            raise NotFused("the scores are a Where condition")
         inputs = [carrier if i == slot else t for i, t in enumerate(node.input)]  # the mask stays the graph's
         copy = helper.make_node(node.op_type, inputs, [f"{name}/bias/{node.output[0]}"],
                                 name=f"{name}/bias/{node.name}")
@@ -304,7 +281,7 @@ def _bias(index: GraphIndex, probe: Probe, steps: list, sides: list[str], name: 
         carrier = copy.output[0]
         nodes.append(copy)
     if not any(n.op_type in ("Add", "Sub", "Where") for n in nodes):
-        return factor, None, []
+        return None, []
     dtype = np.asarray(probe.runs[0][steps[0][0].input[steps[0][1]]]).dtype
     inits = [constant(zero, np.zeros((), dtype))]
     values = [run_nodes(nodes, carrier, run, index.model.opset_import, inits) for run in probe.runs]
@@ -312,11 +289,11 @@ def _bias(index: GraphIndex, probe: Probe, steps: list, sides: list[str], name: 
     if rank > 4:
         raise NotFused(f"the score bias has rank {rank}, more than [B, H, Nq, Nk]")
     if _absent(index, nodes, sides, values):
-        return factor, None, []
+        return None, []
     rewrite.nodes.extend(nodes)
     rewrite.initializers.extend(inits)
     bias = unsqueeze_to_rank(carrier, rank, name, rewrite)
-    return factor, bias, [np.asarray(v).reshape((1,) * (4 - rank) + np.shape(v)) for v in values]
+    return bias, [np.asarray(v).reshape((1,) * (4 - rank) + np.shape(v)) for v in values]
 
 
 def _absent(index: GraphIndex, nodes: list, sides: list[str], values: list) -> bool:
@@ -339,15 +316,15 @@ def _absent(index: GraphIndex, nodes: list, sides: list[str], values: list) -> b
 
 def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -> Match:
     pv = _value_product(index, softmax)
-    # the content term (q k^T) fixes the boundary; the walk below stops there
-    nodes = _score_ancestry(index, softmax.input[0])
-    content = [n for n in nodes if n.op_type == "MatMul" and len(index.dynamic_inputs(n)) == 2]
-    if len(content) != 1:
-        raise NotFused(f"{len(content)} products of two data tensors feed the scores, expected one (q k^T)")
-    q, q_factor = _boundary(index, probe, content[0].input[0])
-    k, k_factor = _boundary(index, probe, content[0].input[1])
+    # the scores are affine in the content product q k^T; the position terms are data added on the way
+    chain = score_chain(index, probe, softmax.input[0], through_layouts=True)
+    if isinstance(chain, str):
+        raise NotFused(chain)
+    content = chain.qk
+    q, q_factor = _boundary(index, probe, content.input[0])
+    k, k_factor = _boundary(index, probe, content.input[1])
     v, _ = _boundary(index, probe, pv.input[1])
-    per_head = probe.shape(content[0].input[0])
+    per_head = probe.shape(content.input[0])
     q_shape = probe.shape(q)
     if per_head is None or q_shape is None or len(q_shape) != 3 or q_shape[2] % per_head[-1]:
         raise NotFused(f"queries {q_shape} are not [B, N, H*D] over per-head {per_head}")
@@ -357,16 +334,19 @@ def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -
         if probe.shape(t) != q_shape:
             raise NotFused(f"{what} {probe.shape(t)} is not [B, N, H*D] like the query {q_shape}")
 
-    steps, total = _score_chain(index, probe, softmax, {q, k, v})
-    terms = _terms(index, probe, total)
-    content_terms = [t for t in terms if t.product is content[0]]
-    if len(content_terms) != 1 or content_terms[0].gather is not None:
-        raise NotFused("the content product q k^T is not one plain term of the score sum")
-    scale = content_terms[0].factor * q_factor * k_factor
+    scale = chain.scale * q_factor * k_factor
+    # every data tensor the chain adds is a sum of position terms, or the mask (the bias, computed from it alone)
+    terms, bias_steps = [], []
+    for at, (node, slot) in enumerate(chain.steps):
+        side = [t for i, t in enumerate(node.input) if i != slot and t and not index.is_static(t)]
+        if node.op_type == "Add" and len(side) == 1 and _holds_a_position_product(index, side[0]):
+            # a term added here is scaled by every scaling after it, as the content is by the whole chain
+            later = math.prod(_scaling(index, probe, n) for n, _ in chain.steps[at + 1:])
+            terms += [(term, later) for term in _terms(index, probe, side[0])]
+        else:
+            bias_steps.append((node, slot))
     rel = {}  # "c2p" / "p2c" -> (table tensor, rows, per_head, gather)
-    for term in terms:
-        if term is content_terms[0]:
-            continue
+    for term, later in terms:
         if not _is_position_product(index, term.product):
             raise NotFused(f"score term '{term.product.name}' is neither q k^T nor a product with a static table")
         data = index.dynamic_inputs(term.product)[0]
@@ -379,8 +359,9 @@ def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -
         if not index.is_static(term.gather.input[1]):
             raise NotFused(f"the relative index of the {role} term ({term.gather.op_type} '{term.gather.name}') is "
                            "computed from the input data, not from the sequence length", final=True)
-        if not math.isclose(term.factor * factor, scale, rel_tol=1e-5):
-            raise NotFused(f"the {role} term is scaled by {term.factor * factor:.6g}, the content term by {scale:.6g}")
+        if not math.isclose(term.factor * factor * later, scale, rel_tol=1e-5):
+            raise NotFused(f"the {role} term is scaled by {term.factor * factor * later:.6g}, the content term by "
+                           f"{scale:.6g}")
         static = [i for i in term.product.input if index.is_static(i)][0]
         table = _table(index, probe, static, heads, head_dim)
         if table is None:
@@ -402,13 +383,13 @@ def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -
     output = find_output(index, probe, [pv.output[0]], like=q)
     if output is None:
         raise NotFused("no [B, N, H*D] output where the heads merge back")
-    sides = [t for node, slot in steps for i, t in enumerate(node.input) if i != slot and t and not index.is_static(t)]
+    sides = [t for node, slot in bias_steps for i, t in enumerate(node.input)
+             if i != slot and t and not index.is_static(t)]
     for side in sides:
         if any(o in (q, k, v) for n in index.ancestors(side, stop=set()) for o in n.output):
             raise NotFused(f"the score bias '{side}' is computed from the queries, keys or values, not from a mask")
     rewrite = Rewrite()
-    chain_factor, bias, bias_values = _bias(index, probe, steps, sides, name, rewrite)
-    scale *= chain_factor
+    bias, bias_values = _bias(index, probe, bias_steps, sides, name, rewrite)
     region_nodes = closed_region(index, [q, k, v, *sides], output)
 
     inputs, values = [q, k, v], [q, k, v]

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .framework import NotFused, Rewrite, constant, run_nodes, scalar_value, unsqueeze_to_rank
+from .framework import LAYOUT_OPS, NotFused, Rewrite, constant, run_nodes, scalar_value, unsqueeze_to_rank
 from .graph import GraphIndex
 from .probe import Probe
 
@@ -56,20 +56,23 @@ def is_qk_product(index: GraphIndex, node: onnx.NodeProto | None) -> bool:
     return node is not None and node.op_type == "MatMul" and len(index.dynamic_inputs(node)) == 2
 
 
-def _reaches_qk(index: GraphIndex, tensor: str, depth: int = 12) -> bool:
+def _reaches_qk(index: GraphIndex, tensor: str, ops: set[str], depth: int = 12) -> bool:
     node = index.producer.get(tensor)
     if is_qk_product(index, node):
         return True
-    if node is None or depth == 0 or node.op_type not in CHAIN_OPS:
+    if node is None or depth == 0 or node.op_type not in ops:
         return False
-    return any(_reaches_qk(index, i, depth - 1) for i in index.dynamic_inputs(node))
+    return any(_reaches_qk(index, i, ops, depth - 1) for i in index.dynamic_inputs(node))
 
 
-def score_chain(index: GraphIndex, probe: Probe, scores: str, shape_factors_ok: bool = False) -> ScoreChain | str:
+def score_chain(index: GraphIndex, probe: Probe, scores: str, shape_factors_ok: bool = False,
+                through_layouts: bool = False) -> ScoreChain | str:
     """The one walk from attention weights back to QK^T: the chain that makes `scores` (what a softmax reads), or
     why it is not an affine function of one QK^T product (NO_SCORE_PRODUCT: no such product at all). With
     `shape_factors_ok` a scalar factor computed from the input shape is kept in the chain for the caller to fold
-    into the query."""
+    into the query; with `through_layouts` the scores may be reshaped on the way (HF's bmm on [B*H, N, N] viewed as
+    [B, H, N, N] for its mask), layout steps the caller then reads the scores through."""
+    ops = CHAIN_OPS | LAYOUT_OPS if through_layouts else CHAIN_OPS
     steps, scale, tensor, shape_factors = [], 1.0, scores, []
     while True:
         node = index.producer.get(tensor)
@@ -79,9 +82,9 @@ def score_chain(index: GraphIndex, probe: Probe, scores: str, shape_factors_ok: 
             break
         if node.op_type in ("MatMul", "Gemm"):  # a projection of one tensor (a gate, a router): no QK^T
             return NO_SCORE_PRODUCT
-        if node.op_type not in CHAIN_OPS:
+        if node.op_type not in ops:
             return f"unexpected {node.op_type} between QK^T and softmax"
-        carriers = [i for i, t in enumerate(node.input) if t and not index.is_static(t) and _reaches_qk(index, t)]
+        carriers = [i for i, t in enumerate(node.input) if t and not index.is_static(t) and _reaches_qk(index, t, ops)]
         if not carriers:  # no QK^T within reach: follow the one data input to say what stands in the way
             carriers = [i for i, t in enumerate(node.input) if t and not index.is_static(t)]
             if len(carriers) != 1:
