@@ -62,13 +62,14 @@ def reference(query, key, value, block_index, key_bias=None, *, num_heads=1, blo
     flat = (table.clamp(0, nb - 1) + torch.arange(heads, device=q.device)[:, None, None] * nb).reshape(-1)
     kg, vg = (t.reshape(batch, heads * nb, block_size, d)[:, flat].reshape(batch, heads, nb, m * block_size, d)
               for t in (k, v))
-    scores = q.reshape(batch, heads, nb, block_size, d) @ kg.transpose(-1, -2) * scale  # [B, H, nb, b, m*b]
+    # in place where it can be: these [B, H, nb, b, m*b] scores are the reference's largest tensor
+    scores = (q.reshape(batch, heads, nb, block_size, d) @ kg.transpose(-1, -2)).mul_(scale)  # [B, H, nb, b, m*b]
     if bias is not None:
         gathered = bias.reshape(batch, nb, block_size)[:, table.clamp(0, nb - 1)]  # [B, H, nb, m, b]
-        scores = scores + gathered.reshape(batch, heads, nb, 1, m * block_size)
+        scores.add_(gathered.reshape(batch, heads, nb, 1, m * block_size))
     # a slot the row does not count is -inf; a block listed r times is r slots, so it weighs r exp(s)
     visible = counted.repeat_interleave(block_size, -1)[None, :, :, None, :]
-    out = _softmax_or_zeros_torch(scores.masked_fill(~visible, float("-inf"))) @ vg  # [B, H, nb, b, D]
+    out = _softmax_or_zeros_torch(scores.masked_fill_(~visible, float("-inf"))) @ vg  # [B, H, nb, b, D]
 
     rows = torch.arange(nb, device=q.device)
     is_global = (rows < global_blocks) | (rows >= nb - global_blocks)
@@ -86,8 +87,8 @@ def reference(query, key, value, block_index, key_bias=None, *, num_heads=1, blo
 def _softmax_or_zeros_torch(scores: torch.Tensor) -> torch.Tensor:
     """Softmax over the last axis; a row whose every score is -inf is 0/0 in softmax: zeros instead (NaN in the
     inputs still shows as NaN)."""
-    dead = (scores == float("-inf")).all(-1, keepdim=True)
-    return torch.softmax(scores, -1).masked_fill(dead, 0.0)
+    dead = scores.amax(-1, keepdim=True) == float("-inf")
+    return torch.softmax(scores, -1).masked_fill_(dead, 0.0)
 
 
 def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict) -> None:
