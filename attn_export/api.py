@@ -22,7 +22,7 @@ from .export import export_onnx, load_onnx, save_onnx
 from .ops.functions import with_function_bodies
 from .passes import FusionReport, fuse_graph
 from .passes.fusion import fusion_probe
-from .passes.probe import Probe, probe_shapes, random_inputs
+from .passes.probe import probe_shapes, random_inputs
 
 
 @dataclass
@@ -125,19 +125,21 @@ def fuse(model: onnx.ModelProto | str | Path, output: str | Path | None = None) 
     probe = fusion_probe(model)
     fused, report = fuse_graph(model, probe)
     if report.fused:
-        _refuse_wrong_fusion(model, fused, probe)
-    del probe
+        feeds = [random_inputs(model, shapes, seed=100 + i) for i, shapes in enumerate(probe_shapes(model))]
+        # inputs that are all ids and masks do not depend on the seed: a probe ran the reference on them already
+        known = [probe.outputs(f) for f in feeds]
+        del probe  # its values (GBs for a long sequence) are not needed for the fused graph's run
+        _refuse_wrong_fusion(model, fused, feeds, known)
     if output is not None:
         save_onnx(fused, output)
     return fused, report
 
 
-def _refuse_wrong_fusion(original: onnx.ModelProto, fused: onnx.ModelProto, probe: Probe) -> None:
+def _refuse_wrong_fusion(original: onnx.ModelProto, fused: onnx.ModelProto, feed_sets: list[dict],
+                         known: list[dict | None]) -> None:
+    """`known[i]`: the reference graph's outputs at `feed_sets[i]` where already computed, else None."""
     candidate, reference = OnnxRuntimeRunner(fused, "fused graph"), None
-    for i, shapes in enumerate(probe_shapes(original)):
-        feeds = random_inputs(original, shapes, seed=100 + i)
-        # inputs that are all masks and ids do not depend on the seed: a probe ran the reference on them already
-        expected = probe.outputs(feeds)
+    for feeds, expected in zip(feed_sets, known):
         if expected is None:
             reference = reference or OnnxRuntimeRunner(original, "reference graph")
             expected = reference.run(feeds)

@@ -83,11 +83,11 @@ def mask_inputs(model: onnx.ModelProto) -> list[str]:
 def run_all_tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every tensor of one run, all held at once (small graphs and tests; the Probe keeps only what it must)."""
     probe = with_function_bodies(model)
-    values = _Recipe(probe).run_all([feeds], keep=lambda name, value, crosses: True)[0]
+    values = _Recipe(probe).run_all([feeds], keep=lambda value, boundary: True)[0]
     return {name: values[name] for name in values}
 
 
-# a tensor up to this size is kept; a larger one is kept only where it crosses between two pieces of the probe run
+# a tensor up to this size is kept; a larger one only when shaped like what crosses between pieces (_Recipe.run_all)
 SMALL_BYTES = 1 << 20
 PIECE_NODES = 250  # nodes per onnxruntime session in the probe run: what one piece computes is all held at once
 RECENT_BYTES = 1 << 29  # recomputed values kept for the next reads (a layer's q, k, v and output at every probe)
@@ -95,23 +95,24 @@ RECENT_BYTES = 1 << 29  # recomputed values kept for the next reads (a layer's q
 
 class ProbeValues(Mapping):
     """The tensors of one probe run, by name. Holding them all took ~20 GB per run for a 12-layer BigBird at 4096
-    tokens, so only small tensors and those that cross between pieces of the run (the hidden states between layers,
-    the masks) are kept; any other is recomputed when read, by running its producers from the nearest kept or recent
-    tensors on onnxruntime again: the same kernels on the same inputs, so the same numbers. Every name's shape and
-    dtype is known without its value."""
+    tokens, so only small tensors, those that cross between pieces of the run (the hidden states between layers, the
+    masks) and those shaped like them are kept; any other (scores, gathered key blocks, a feed-forward's inner
+    activations) is recomputed when read, by running its producers from the nearest kept or recent tensors on
+    onnxruntime again: the same kernels on the same inputs, so the same numbers. Every name's shape and dtype is known
+    without its value."""
 
     def __init__(self, recipe: "_Recipe", run: int):
         self._recipe, self._run = recipe, run
         self._kept: dict[str, np.ndarray] = {}
         self._shapes: dict[str, tuple[tuple, np.dtype]] = {}
 
-    def put(self, name: str, value, keep: bool, remember: bool = True) -> None:
-        """Records the value's shape; keeps the value (a copy: an onnxruntime output would pin its session's
-        memory), or with `remember` holds it among the recent."""
+    def put(self, name: str, value, keep: bool, remember: bool = True, copy: bool = True) -> None:
+        """Records the value's shape; keeps the value (a copy unless `copy` is False: an output of a session with a
+        memory arena would pin the whole arena), or with `remember` holds it among the recent."""
         value = np.asarray(value)
         self._shapes[name] = (value.shape, value.dtype)
         if keep:
-            self._kept[name] = value if value.flags.owndata else value.copy()
+            self._kept[name] = value.copy() if copy and not value.flags.owndata else value
             self._recipe.forget(self._run, name)
         else:
             self._kept.pop(name, None)
@@ -171,8 +172,10 @@ class _Recipe:
 
     def run_all(self, feeds_per_run: list[dict], keep, observers=()) -> list[ProbeValues]:
         """Run the graph piece by piece (each piece one session, run for every feed set); what a later piece reads
-        is held until then. `keep(name, value, crosses)` says which values stay. Each observer's `see(run, name,
-        values)` is called for the tensors in its `names` as soon as they are made, with every value at hand."""
+        is held until then. `keep(value, boundary)` says which values stay; `boundary`: the value crosses the piece's
+        end, or is shaped like one that does and is made in the piece (between layers, the hidden states: so a
+        layer's q, k, v and output are kept too). Each observer's `see(run, name, values)` is called for the tensors
+        in its `names` as soon as they are made, with every value at hand."""
         watched = {name: o for o in observers for name in o.names}
         runs = [ProbeValues(self, r) for r in range(len(feeds_per_run))]
         static = {init.name: onnx.numpy_helper.to_array(init) for init in self.model.graph.initializer}
@@ -187,20 +190,21 @@ class _Recipe:
         cuts = self._cuts(last_read)
         for start, end in zip(cuts, cuts[1:]):
             nodes = self.nodes[start:end]
-            session, inputs, outputs = self._session(nodes, runs[0].dtype, arena=True)
+            session, inputs, outputs = self._session(nodes, runs[0].dtype)
             for values, held in zip(runs, live):
-                results = session.run(outputs, {n: held[n] if n in held else values[n] for n in inputs})
-                for name, value in zip(outputs, results):
-                    crosses = last_read.get(name, -1) >= end
-                    values.put(name, value, keep=keep(name, value, crosses) or name in self.graph_outputs,
-                               remember=False)
-                    if crosses:
-                        held[name] = values.available(name) if values.available(name) is not None else value.copy()
-                made = dict(zip(outputs, results))
+                made = dict(zip(outputs, session.run(outputs, {n: held[n] if n in held else values[n]
+                                                               for n in inputs})))
+                crossing = {n for n in outputs if last_read.get(n, -1) >= end or n in self.graph_outputs}
+                boundary = {made[n].shape for n in crossing}
+                for name, value in made.items():
+                    values.put(name, value, keep=name in crossing or keep(value, value.shape in boundary),
+                               remember=False, copy=False)  # the piece sessions have no arena
+                    if name in crossing:
+                        held[name] = values.available(name)
                 for name in outputs:
                     if name in watched:
                         watched[name].see(values._run, name, ChainMap(made, held, values))
-                del results, made
+                del made
                 for name in [n for n in held if last_read.get(n, -1) < end]:
                     del held[name]
         return runs
@@ -242,7 +246,7 @@ class _Recipe:
             nodes.append(node)
             todo.extend(i for i in _reads(node) if i and values.available(i) is None)
         nodes.sort(key=lambda n: self.position[id(n)])
-        session, inputs, _ = self._session(nodes, lambda i: values.available(i).dtype, arena=False, outputs=[name])
+        session, inputs, _ = self._session(nodes, lambda i: values.available(i).dtype, outputs=[name])
         value = session.run([name], {n: values.available(n) for n in inputs})[0]
         self._recent.put((values._run, name), value)
         return value
@@ -264,9 +268,9 @@ class _Recipe:
         for opset in opset_imports:
             self.opsets.setdefault(opset.domain, opset.version)
 
-    def _session(self, nodes: list[onnx.NodeProto], dtype_of, arena: bool, outputs: list[str] | None = None):
-        """An onnxruntime session computing every output of `nodes` (in order) from the tensors they read. `arena`:
-        for a session run several times (its memory is reused: no fresh pages for every run)."""
+    def _session(self, nodes: list[onnx.NodeProto], dtype_of, outputs: list[str] | None = None):
+        """An onnxruntime session computing `outputs` (default: every output of `nodes`, in order) from the tensors
+        the nodes read. No memory arena: a kept output would pin all of it."""
         import onnxruntime as ort
 
         produced = {o for n in nodes for o in n.output if o}
@@ -347,8 +351,8 @@ class Probe:
             self.feeds.append(random_inputs(model, self.shapes[0], seed=0, fully_masked_row=True))
         self._recipe = _Recipe(with_function_bodies(model))
         try:
-            self.runs = self._recipe.run_all(self.feeds, keep=lambda name, value, crosses:
-                                             crosses or value.nbytes <= SMALL_BYTES, observers=observers)
+            self.runs = self._recipe.run_all(self.feeds, keep=lambda value, boundary:
+                                             boundary or value.nbytes <= SMALL_BYTES, observers=observers)
             self.observers = list(observers)
         except Exception as e:
             reason = str(e).splitlines()[0]
