@@ -72,7 +72,8 @@ class EinsumCheck:
         inner = [o for n in replacement[:-1] for o in n.output]
         results = run_nodes_many(replacement, [name, *inner], values, self.opsets)
         self.same[name] = _same(results[0], values[name])
-        self.made[(name, run)] = {o: v if v.nbytes <= SMALL_BYTES else (v.shape, v.dtype)
+        # small values copied: an onnxruntime output keeps its session's whole memory arena alive
+        self.made[(name, run)] = {o: v.copy() if v.nbytes <= SMALL_BYTES else (v.shape, v.dtype)
                                   for o, v in zip(inner, results[1:])}
 
 
