@@ -74,8 +74,8 @@ def plugins_accept_fused_graphs(request, monkeypatch):
     produced = []
     original = attn_export.passes.fuse_graph
 
-    def recording(model):
-        fused, report = original(model)
+    def recording(model, *args, **kwargs):
+        fused, report = original(model, *args, **kwargs)
         if report.all_fused:
             produced.append(fused)
         return fused, report

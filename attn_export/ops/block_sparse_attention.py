@@ -42,6 +42,9 @@ def counted_slots(block_index: torch.Tensor, num_blocks: int, count_repeats: int
 
 def reference(query, key, value, block_index, key_bias=None, *, num_heads=1, block_size=64, scale=0.0,
               global_blocks=0, count_repeats=0):
+    """Block by block, as the semantics read: each query block against the key blocks its row lists (a block listed
+    r times counted r times when count_repeats), global rows against every key. Memory O(N * m * block_size), so
+    verifying a 4096-token layer does not build [B, H, N, N] scores."""
     q, k, v = (split_heads(t, num_heads) for t in (query, key, value))
     batch, heads, n, d = q.shape
     if n % block_size:
@@ -49,31 +52,43 @@ def reference(query, key, value, block_index, key_bias=None, *, num_heads=1, blo
     nb = n // block_size
     scale = scale or 1.0 / math.sqrt(d)
     table = block_index.to(torch.int64).expand(heads, nb, -1)
-    counted = counted_slots(table, nb, count_repeats)  # [H, nb, m]
-
-    # key-block multiplicity [H, nb, nb] -> [H, N, N]: how often each key weighs in the row's softmax
-    multiplicity = torch.zeros(heads, nb, nb + 1, device=q.device)
-    multiplicity.scatter_add_(2, torch.where(counted, table, nb), torch.ones(counted.shape, device=q.device))
-    multiplicity = multiplicity[..., :nb]
-    rows = torch.arange(nb, device=q.device)
-    is_global = (rows < global_blocks) | (rows >= nb - global_blocks)
-    multiplicity = torch.where(is_global[None, :, None], torch.ones_like(multiplicity), multiplicity)
-    multiplicity = multiplicity.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)
+    counted = counted_slots(table, nb, count_repeats)  # [H, nb, m]: the slots that weigh in the row's softmax
+    m = table.shape[-1]
 
     # float32 throughout: fp16 products of large activations overflow 65504 (and exp does long before)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-    if key_bias is not None:
-        scores = scores + key_bias.float()[:, None, None, :]
-    # a key the row does not see is -inf; one counted r times weighs r exp(s) (renormalised after the softmax, not
-    # as s + log r, which a finite fill such as finfo.min would absorb)
-    scores = scores.masked_fill(multiplicity == 0, float("-inf"))
-    probs = torch.softmax(scores, -1) * multiplicity
-    probs = probs / probs.sum(-1, keepdim=True)
-    # a row whose every score is -inf is 0/0 in softmax: zeros instead (NaN in the inputs still shows as NaN)
-    dead = (scores == float("-inf")).all(-1, keepdim=True)
-    probs = probs.masked_fill(dead, 0.0)
-    out = (probs @ v.float()).to(query.dtype)
+    q, k, v = q.float(), k.float(), v.float()
+    bias = None if key_bias is None else key_bias.float()
+    # every listed key block gathered per (head, query block) through a flat (head, block) index: [B, H, nb, m*b, D]
+    flat = (table.clamp(0, nb - 1) + torch.arange(heads, device=q.device)[:, None, None] * nb).reshape(-1)
+    kg, vg = (t.reshape(batch, heads * nb, block_size, d)[:, flat].reshape(batch, heads, nb, m * block_size, d)
+              for t in (k, v))
+    # in place where it can be: these [B, H, nb, b, m*b] scores are the reference's largest tensor
+    scores = (q.reshape(batch, heads, nb, block_size, d) @ kg.transpose(-1, -2)).mul_(scale)  # [B, H, nb, b, m*b]
+    if bias is not None:
+        gathered = bias.reshape(batch, nb, block_size)[:, table.clamp(0, nb - 1)]  # [B, H, nb, m, b]
+        scores.add_(gathered.reshape(batch, heads, nb, 1, m * block_size))
+    # a slot the row does not count is -inf; a block listed r times is r slots, so it weighs r exp(s)
+    visible = counted.repeat_interleave(block_size, -1)[None, :, :, None, :]
+    out = _softmax_or_zeros_torch(scores.masked_fill_(~visible, float("-inf"))) @ vg  # [B, H, nb, b, D]
+
+    rows = torch.arange(nb, device=q.device)
+    is_global = (rows < global_blocks) | (rows >= nb - global_blocks)
+    if is_global.any():  # global rows attend to every key
+        q_rows = q.reshape(batch, heads, nb, block_size, d)[:, :, is_global].reshape(batch, heads, -1, d)
+        dense = q_rows @ k.transpose(-1, -2) * scale
+        if bias is not None:
+            dense = dense + bias[:, None, None, :]
+        dense = _softmax_or_zeros_torch(dense) @ v
+        out[:, :, is_global] = dense.reshape(batch, heads, -1, block_size, d)
+    out = out.reshape(batch, heads, n, d).to(query.dtype)
     return out.transpose(1, 2).reshape(batch, n, heads * d)
+
+
+def _softmax_or_zeros_torch(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis; a row whose every score is -inf is 0/0 in softmax: zeros instead (NaN in the
+    inputs still shows as NaN)."""
+    dead = scores.amax(-1, keepdim=True) == float("-inf")
+    return torch.softmax(scores, -1).masked_fill_(dead, 0.0)
 
 
 def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict) -> None:

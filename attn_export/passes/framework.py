@@ -340,6 +340,12 @@ def run_nodes(nodes: list[onnx.NodeProto], output: str, values: Mapping[str, np.
               initializers: list[onnx.TensorProto] = (), ir_version: int | None = None) -> np.ndarray:
     """Evaluate `output` from `nodes` (in topological order) on onnxruntime; every other tensor they read comes
     from `values`."""
+    return run_nodes_many(nodes, [output], values, opset_imports, initializers, ir_version)[0]
+
+
+def run_nodes_many(nodes: list[onnx.NodeProto], outputs: list[str], values: Mapping[str, np.ndarray], opset_imports,
+                   initializers: list[onnx.TensorProto] = (), ir_version: int | None = None) -> list[np.ndarray]:
+    """run_nodes for several outputs, in one session."""
     import onnxruntime as ort
 
     produced = {o for n in nodes for o in n.output} | {t.name for t in initializers}
@@ -347,13 +353,13 @@ def run_nodes(nodes: list[onnx.NodeProto], output: str, values: Mapping[str, np.
     feeds = {name: np.asarray(values[name]) for name in needed}
     inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), None)
               for name, v in feeds.items()]
-    graph = helper.make_graph(nodes, "subgraph", inputs, [onnx.ValueInfoProto(name=output)],
+    graph = helper.make_graph(nodes, "subgraph", inputs, [onnx.ValueInfoProto(name=o) for o in outputs],
                               initializer=initializers)
     model = helper.make_model(graph, opset_imports=opset_imports)
     if ir_version is not None:
         model.ir_version = ir_version
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run([output], feeds)[0]
+    return session.run(outputs, feeds)
 
 
 def run_subgraph(index: GraphIndex, feeds: dict[str, np.ndarray], output: str, values: dict) -> np.ndarray:

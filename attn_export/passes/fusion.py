@@ -8,7 +8,7 @@ import onnx
 # the family modules register themselves on import
 from . import (banded_block_sparse, block_sparse, dense_attention, disentangled_attention, kernelized_attention,
                long_convolution, mixture_of_experts, onnx_attention)
-from .einsum import normalize_einsums
+from .einsum import EinsumCheck, normalize_einsums
 from .framework import FAMILY_PASSES, NotFused, replace_all
 from .fusion_report import FusionReport, LayerResult, layer_name
 from .graph import GraphIndex, remove_dead_nodes, topological_sort
@@ -20,12 +20,13 @@ del (banded_block_sparse, block_sparse, dense_attention, disentangled_attention,
      mixture_of_experts, onnx_attention)
 
 
-def fuse_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
-    """Returns a fused copy of `model` and the per-layer report. `model` itself is not changed."""
+def fuse_graph(model: onnx.ModelProto, probe: Probe | None = None) -> tuple[onnx.ModelProto, FusionReport]:
+    """Returns a fused copy of `model` and the per-layer report. `model` itself is not changed. `probe`: one made
+    of `model` already (the caller reads the reference outputs off it); it learns the tensors the passes add."""
     fused = onnx.ModelProto()
     fused.CopyFrom(model)
     topological_sort(fused.graph)
-    probe = Probe(fused)
+    probe = probe or fusion_probe(fused)
     normalize_einsums(fused, probe)  # Einsum-written attention reads as MatMul to every family
     index = GraphIndex(fused)
     matches, claimed, explained, final = [], set(), set(), set()
@@ -61,6 +62,11 @@ def fuse_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
     remove_dead_nodes(fused.graph)  # first: shape nodes that read the removed tensors go with them
     topological_sort(fused.graph)
     return fused, report
+
+
+def fusion_probe(model: onnx.ModelProto) -> Probe:
+    """The probe fuse_graph reads: it checks the Einsum rewrites on the values as it makes them."""
+    return Probe(model, observers=[EinsumCheck(model)])
 
 
 def _probed_dtype(probe: Probe, tensor: str):

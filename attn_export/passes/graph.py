@@ -86,22 +86,45 @@ class GraphIndex:
 
 
 def topological_sort(graph: onnx.GraphProto) -> None:
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
-        if not ready:
-            raise ValueError("graph has a cycle or a dangling input")
-        ready_ids = {id(n) for n in ready}
-        pending = [n for n in pending if id(n) not in ready_ids]
-        for n in ready:
-            available.update(n.output)
-        ordered.extend(ready)
+    ordered = topological_order(graph)
     copies = [onnx.NodeProto() for _ in ordered]
     for copy, node in zip(copies, ordered):
         copy.CopyFrom(node)
     del graph.node[:]
     graph.node.extend(copies)
+
+
+def topological_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes in waves: first every node that reads only graph inputs and initializers, then every node that
+    reads only those and the first wave, ...; each wave in the graph's own order. A node's wave is one more than
+    the latest wave among its producers, so one pass in dependency order (Kahn) finds them all."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    nodes = list(graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o and o not in available}
+    readers: dict[int, list[int]] = {}
+    waiting = [0] * len(nodes)
+    for i, node in enumerate(nodes):
+        for name in set(node.input):
+            if name in available:
+                continue
+            if name not in producer:
+                raise ValueError("graph has a cycle or a dangling input")
+            readers.setdefault(producer[name], []).append(i)
+            waiting[i] += 1
+    wave = [0] * len(nodes)
+    todo = deque(i for i in range(len(nodes)) if not waiting[i])
+    done = 0
+    while todo:
+        i = todo.popleft()
+        done += 1
+        for j in readers.get(i, []):
+            wave[j] = max(wave[j], wave[i] + 1)
+            waiting[j] -= 1
+            if not waiting[j]:
+                todo.append(j)
+    if done < len(nodes):
+        raise ValueError("graph has a cycle or a dangling input")
+    return [nodes[i] for i in sorted(range(len(nodes)), key=lambda i: (wave[i], i))]
 
 
 def remove_dead_nodes(graph: onnx.GraphProto) -> None:
