@@ -97,7 +97,8 @@ def match(index: GraphIndex, probe: Probe, anchor: onnx.NodeProto, name: str) ->
     if chain.has_bias:
         helpers_before_bias = len(rewrite.nodes)
         bias, bias_values = chain_bias(index, probe, chain, name, rewrite)
-        bias_reads = _read_tensors(rewrite.nodes[helpers_before_bias:])
+        # what the bias is computed from (the graph's own tensor where the chain only adds it)
+        bias_reads = _read_tensors(rewrite.nodes[helpers_before_bias:]) or {bias}
         new_names = {t.name for t in rewrite.initializers}
         static_bias = all(index.is_static(t) or t in new_names for t in bias_reads)
         if static_bias and not has_dynamic_shapes(index.model) and helpers_before_bias == 0:

@@ -127,16 +127,22 @@ def chain_bias(index: GraphIndex, probe: Probe, chain: ScoreChain, name: str, re
     dtype = np.asarray(probe.runs[0][chain.qk.output[0]]).dtype
     zero = constant(f"{name}/zero_scores", np.zeros((), dtype))
     nodes, renamed = [], {chain.qk.output[0]: zero.name}
-    for node, _ in chain.steps:
+    for node, slot in chain.steps:
+        if node.op_type == "Add" and renamed[node.input[slot]] == zero.name:
+            # 0 + b is b: the graph's own bias (MGK's [B, H, N, 2N] logit offsets), not a copy of it
+            renamed[node.output[0]] = node.input[1 - slot]
+            continue
         copy = helper.make_node(node.op_type, [renamed.get(i, i) for i in node.input],
                                 [f"{name}/bias/{o}" for o in node.output], name=f"{name}/bias/{node.name}")
         copy.attribute.extend(node.attribute)
         renamed.update(zip(node.output, copy.output))
         nodes.append(copy)
-    bias = nodes[-1].output[0]
-    values = [run_nodes(nodes, bias, values, index.model.opset_import, [zero]) for values in probe.runs]
+    bias = renamed[chain.steps[-1][0].output[0]]
+    values = [run_nodes(nodes, bias, values, index.model.opset_import, [zero]) if nodes else values[bias]
+              for values in probe.runs]
     rewrite.nodes.extend(nodes)
-    rewrite.initializers.append(zero)
+    if nodes:
+        rewrite.initializers.append(zero)
     if not rank4:
         return bias, values
     rank = np.ndim(values[0])
