@@ -27,14 +27,17 @@ from attn_export.backends import OnnxRuntimeRunner  # noqa: E402
 from attn_export.export import export_onnx  # noqa: E402
 
 
-def median_ms(runner, feeds, iters: int) -> float:
-    runner.run(feeds)  # warm-up
-    samples = []
+def interleaved_median_ms(runners, feeds, iters: int) -> list[float]:
+    """Median latency of each runner, the runners taking turns call by call: a change in machine load hits all."""
+    for runner in runners:
+        runner.run(feeds)  # warm-up
+    samples = [[] for _ in runners]
     for _ in range(iters):
-        start = time.perf_counter()
-        runner.run(feeds)
-        samples.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(samples))
+        for runner, times in zip(runners, samples):
+            start = time.perf_counter()
+            runner.run(feeds)
+            times.append((time.perf_counter() - start) * 1e3)
+    return [float(np.median(times)) for times in samples]
 
 
 def bench_model(name: str, layers: int | None, iters: int) -> dict:
@@ -54,17 +57,15 @@ def bench_model(name: str, layers: int | None, iters: int) -> dict:
 
 
 def fuse_and_time(reference, feeds: dict, iters: int):
-    """Fuse `reference` (timed), then the best of three interleaved median latencies of both graphs (drift in
-    machine load hits both alike). Returns ({fuse_seconds, reference_ms, fused_ms, ratio}, the fusion report)."""
+    """Fuse `reference` (timed), then the best of three median latencies of both graphs, run in turns call by call
+    (drift in machine load hits both alike). Returns ({fuse_seconds, reference_ms, fused_ms, ratio}, the fusion
+    report)."""
     start = time.perf_counter()
     fused, report = api.fuse(reference)
     fuse_s = time.perf_counter() - start
     runners = [OnnxRuntimeRunner(reference, "model.onnx"), OnnxRuntimeRunner(fused, "model.fused.onnx")]
-    ref_ms, fused_ms = [], []
-    for _ in range(3):
-        ref_ms.append(median_ms(runners[0], feeds, iters))
-        fused_ms.append(median_ms(runners[1], feeds, iters))
-    ref, fus = min(ref_ms), min(fused_ms)
+    rounds = [interleaved_median_ms(runners, feeds, iters) for _ in range(3)]
+    ref, fus = (min(r[i] for r in rounds) for i in (0, 1))
     return {"fuse_seconds": fuse_s, "reference_ms": ref, "fused_ms": fus, "ratio": fus / ref}, report
 
 
