@@ -105,25 +105,34 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
         probs = b.op("Softmax", scores, axis=-1)
     else:
         raise ValueError(f"unknown score_fn {attrs['score_fn']!r}")
-    out = b.op("MatMul", probs, vf)
     if attrs["score_fn"] == "softmax" and (bias or attrs["causal"]):
-        out = masked_rows_guard(b, scores, probs, out, vf, attrs["masked_rows"])
+        out = guarded_product(b, scores, probs, vf, attrs["masked_rows"])
+    else:
+        out = b.op("MatMul", probs, vf)
     out = b.op("CastLike", out, v)
     b.merge_heads(out, outputs[0], attrs["num_heads"])
 
 
-def masked_rows_guard(b: OnnxBuilder, scores: str, probs: str, out: str, vf: str, masked_rows: str) -> str:
-    """Rows whose every score is -inf (NaN in softmax): zeros, or the mean of the values [.., Nk, Dv]."""
-    if masked_rows == "zeros":
-        # A softmax row is NaN everywhere or nowhere (one NaN or -inf max spoils its sum), so its first weight
-        # tells, and the guard costs O(N * Dv) on the output instead of O(N^2) on the weights.
-        dead = b.op("IsNaN", b.op("Slice", probs, b.const([0]), b.const([1]), b.const([-1])))
-        return b.op("Where", dead, b.const(0.0, np.float32), out)
-    if masked_rows != "mean":
+def guarded_product(b: OnnxBuilder, scores: str, probs: str, values: str, masked_rows: str) -> str:
+    """probs @ values [.., Nk, Dv], where rows whose every score is -inf (NaN in softmax) give zeros, or the mean of
+    the values. A softmax row is NaN everywhere or nowhere (one NaN or -inf max spoils its sum), so the rows' first
+    weights tell: when none is NaN (the usual case) an If takes the plain product and skips the guard, a broadcast
+    Where over the output that costs onnxruntime more than the check. Each branch writes its own product, so
+    neither copies an outer tensor into the If's output."""
+    if masked_rows not in MASKED_ROWS:
         raise ValueError(f"unknown masked_rows {masked_rows!r}")
-    # only rows that are all -inf become the mean (NaN from the inputs stays NaN): the row max tells
-    dead = b.op("Equal", b.reduce("ReduceMax", scores, [-1]), b.const(-np.inf, np.float32))  # [.., Nq, 1]
-    return b.op("Where", dead, b.reduce("ReduceMean", vf, [-2]), out)
+    first = b.op("Slice", probs, b.const([0]), b.const([1]), b.const([-1]))  # [.., Nq, 1]
+    suspect = b.op("IsNaN", b.op("ReduceSum", first, keepdims=0))
+
+    def guarded():
+        out = b.op("MatMul", probs, values)
+        if masked_rows == "zeros":
+            return b.op("Where", b.op("IsNaN", first), b.const(0.0, np.float32), out)
+        # only rows that are all -inf become the mean (NaN from the inputs stays NaN): the row max tells
+        dead = b.op("Equal", b.reduce("ReduceMax", scores, [-1]), b.const(-np.inf, np.float32))  # [.., Nq, 1]
+        return b.op("Where", dead, b.reduce("ReduceMean", values, [-2]), out)
+    return b.op("If", suspect, then_branch=b.branch(guarded), else_branch=b.branch(
+        lambda: b.op("MatMul", probs, values)))
 
 
 CONTRACT = OpContract(

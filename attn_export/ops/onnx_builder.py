@@ -5,7 +5,7 @@ opset of the model they will run in (ReduceMax/ReduceSum took their axes as an a
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 
 class OnnxBuilder:
@@ -29,6 +29,18 @@ class OnnxBuilder:
         out = self._name("const")
         self.nodes.append(helper.make_node("Constant", [], [out], value=numpy_helper.from_array(array, out)))
         return out
+
+    def branch(self, build, elem_type: int = TensorProto.FLOAT):
+        """A subgraph (a branch of an If) holding the nodes `build()` writes through this builder; `build` returns
+        the branch's one output."""
+        outer, self.nodes = self.nodes, []
+        try:
+            result = build()
+            nodes = self.nodes
+        finally:
+            self.nodes = outer
+        return helper.make_graph(nodes, self._name("branch"), [], [helper.make_tensor_value_info(result, elem_type,
+                                                                                                  None)])
 
     def reduce(self, op_type: str, x: str, axes: list[int], keepdims: int = 1) -> str:
         new_style = self.opset >= (13 if op_type == "ReduceSum" else 18)
