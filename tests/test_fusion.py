@@ -212,6 +212,12 @@ def test_chunked_materialised_and_two_part_layers_fuse_with_parity(name, exporte
         assert all(layer.attributes["feature_map"] == "identity" and layer.attributes["normalize"] == 0
                    for layer in report.parts if layer.op == "KernelizedAttention")
     assert not [n for n in fused.graph.node if name == "flash" and n.op_type == "Relu"]
+    if name == "transformer-ls":  # landmarks and window tiles joined by one Gather, the landmarks not copied first
+        producer = {o: n for n in fused.graph.node for o in n.output}
+        for node in (n for n in fused.graph.node if n.op_type == "DenseAttention"):
+            joined = [producer[producer[kv].input[0]] for kv in node.input[1:3]]  # through the merge Reshape
+            assert [n.op_type for n in joined] == ["Gather", "Gather"]
+            assert not {producer[i].op_type for n in joined for i in n.input if i in producer} & {"Expand"}
     # Transformer-LS keeps its dynamic projection: a softmax over the tokens that makes the landmarks, not attention
     softmaxes = [n for n in fused.graph.node if n.op_type == "Softmax"]
     assert len(softmaxes) == (module.config.num_layers if name == "transformer-ls" else 0)

@@ -81,8 +81,8 @@ def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -
         boundary += [k, product.input[1], *chain.side_inputs(index)]
     bias = _concatenated_bias(index, probe, chains, name, rewrite)
     query = layout.into_op(probe, q, f"{name}/query", rewrite)
-    key = layout.concatenated_into_op(probe, keys, q, f"{name}/key", rewrite)
-    value = layout.concatenated_into_op(probe, values, q, f"{name}/value", rewrite)
+    key = layout.concatenated_into_op(index, probe, keys, q, f"{name}/key", rewrite)
+    value = layout.concatenated_into_op(index, probe, values, q, f"{name}/value", rewrite)
     rewrite.evaluate(probe, [key[0], value[0], bias], index.model.opset_import)
     op_output = f"{name}/output"
     expected = layout.out_of_op(probe, op_output, output, like=q, name=name, rewrite=rewrite)
@@ -112,19 +112,20 @@ def _sum_of(index: GraphIndex, tensors: list[str]) -> str | None:
 
 def _concatenated_bias(index: GraphIndex, probe: Probe, chains: list, name: str, rewrite: Rewrite) -> str:
     """[b1 | b2 | ..] on the key axis, each block chain_i(0) (zero when the block has no bias) broadcast to
-    [.., Nq, Nk_i] and all to common leading axes."""
+    [.., Nk_i] and all to common leading axes (the query axis among them: Nq, or 1 when no block changes along it)."""
     rank = len(probe.shape(chains[0].qk.output[0]))
     zero = rewrite.constant(f"{name}/zero", np.array([0], np.int64))
     minus_one = rewrite.constant(f"{name}/minus_one", np.array([-1], np.int64))
     blocks, leads = [], []
     for i, chain in enumerate(chains):
-        rows, cols = probe.shape(chain.qk.output[0])[-2:]
+        cols = probe.shape(chain.qk.output[0])[-1]
         if chain.has_bias:
             block, _ = chain_bias(index, probe, chain, f"{name}/block{i}", rewrite, rank4=False)
         else:
             block = rewrite.constant(f"{name}/block{i}_zero",
                                      np.zeros((), probe.runs[0][chain.qk.output[0]].dtype))
-        size = rewrite.constant(f"{name}/block{i}_size", np.array([1] * (rank - 2) + [rows, cols], np.int64))
+        # only the keys axis is filled in: a bias that does not change along the queries stays one row
+        size = rewrite.constant(f"{name}/block{i}_size", np.array([1] * (rank - 1) + [cols], np.int64))
         full = rewrite.node("Expand", [block, size], f"{name}/block{i}_full", name=f"{name}/block{i}_expand")
         shape = rewrite.node("Shape", [full], f"{name}/block{i}_shape", name=f"{name}/block{i}_shape")
         leads.append(rewrite.node("Slice", [shape, zero, minus_one], f"{name}/block{i}_lead",
