@@ -135,6 +135,61 @@ def test_more_zoo_models_fuse_every_layer_with_parity(name, exporter, dynamic):
             np.testing.assert_allclose(got, module(*feeds.values()).numpy(), atol=1e-4, rtol=1e-3)
 
 
+def _op_bias_rows(fused, feeds) -> list[int]:
+    """The query rows of each DenseAttention's bias input when the fused graph runs on `feeds`."""
+    biases = [n.input[3] for n in fused.graph.node if n.op_type == "DenseAttention"]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(fused)
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(b) for b in biases)
+    got = OnnxRuntimeRunner(probe, "fused").run(feeds)
+    return [got[b].shape[-2] for b in biases]
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("sigma_sq_scale_1,folds", [(1.0, True), (1 / 3, False)])
+def test_mgk_bias_keeps_its_key_side_only_when_the_softmax_ignores_the_rest(exporter, sigma_sq_scale_1, folds):
+    """MGK's logits -a_r |q_i|^2 + (log pi_r - a_r |k_jr|^2) + 2 a_r q_i.k_jr: with one a for both components the
+    query-side term is the same for every key of a row, so the op's bias is the key-side part, one row
+    ([B, H, 1, 2N]); with two, the term differs between the components' keys and the bias stays [B, H, N, 2N]."""
+    entry, config = small_config("mgk")
+    config.sigma_sq_scale_1 = sigma_sq_scale_1
+    torch.manual_seed(0)
+    module = entry.build(config).eval()
+    inputs = [entry.example_inputs(config, 2, n) for n in entry.parity_seq_lens(config)]
+    model = export_onnx(module, inputs[0], dynamic_axes=entry.dynamic_axes, exporter=exporter,
+                        probe_shapes=[{k: list(v.shape) for k, v in x.items()} for x in inputs])
+    fused, report = api.fuse(model)
+    assert report.all_fused and report.attention_layers == config.num_layers, report.as_dict()
+    with torch.no_grad():
+        for x in inputs:
+            feeds = {k: v.numpy() for k, v in x.items()}
+            n = next(iter(feeds.values())).shape[1]
+            assert _op_bias_rows(fused, feeds) == [1 if folds else n] * config.num_layers
+            got = next(iter(OnnxRuntimeRunner(fused, "fused").run(feeds).values()))
+            np.testing.assert_allclose(got, module(*x.values()).numpy(), atol=1e-4, rtol=1e-3)
+
+
+def test_mgk_layer_after_a_switched_off_component_keeps_its_whole_bias():
+    """pi = 0 makes log pi = -inf in the first layer's bias, so its output may be NaN before the model cleans it:
+    the next layer's |q|^2 is not provably finite, and dropping it from the bias is refused (the layer still fuses)."""
+    entry, config = small_config("mgk")
+    torch.manual_seed(0)
+    module = entry.build(config).eval()
+    with torch.no_grad():
+        for layer in module.layers:
+            layer.attention.pi[0, 0] = 0.0
+    inputs = entry.example_inputs(config, 2, 32)
+    model = export_onnx(module, inputs, dynamic_axes=entry.dynamic_axes,
+                        probe_shapes=[{k: list(v.shape) for k, v in inputs.items()}] * 2)
+    fused, report = api.fuse(model)
+    assert report.all_fused, report.as_dict()
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    assert _op_bias_rows(fused, feeds) == [1, 32]
+    got = next(iter(OnnxRuntimeRunner(fused, "fused").run(feeds).values()))
+    with torch.no_grad():
+        np.testing.assert_allclose(got, module(*inputs.values()).numpy(), atol=1e-4, rtol=1e-3)
+
+
 @pytest.mark.parametrize("exporter,dynamic", [("dynamo", True), ("torchscript", True), ("dynamo", False)])
 def test_switch_fuses_attention_and_its_mixture_of_experts(exporter, dynamic):
     module, model, inputs = _export("switch", exporter, dynamic)

@@ -11,6 +11,7 @@ from .framework import Match, NotFused, Rewrite, closed_region, untransposed, ve
 from .graph import GraphIndex
 from .probe import Probe
 from .score_chain import ScoreChain, chain_bias
+from .separable_bias import key_side_bias
 
 OP = DENSE_ATTENTION
 
@@ -20,18 +21,24 @@ def match(index: GraphIndex, probe: Probe, anchor: onnx.NodeProto, chain: ScoreC
     q, v, output = chain.qk.input[0], pv.input[1], pv.output[0]
     k, k_transposed = untransposed(index, probe, chain.qk.input[1])
     rewrite = Rewrite()
-    q_scaled = chain.fold_shape_factors(probe, q, name, rewrite, index.model.opset_import)
-    inputs, values, op_output, expected = layout.qkv_into_op(probe, q_scaled, k, v, output, name, rewrite,
-                                                             k_transposed)
-    nodes = closed_region(index, [q, k, v, *chain.side_inputs(index)], output)
-
-    score_fn = "softmax" if anchor.op_type == "Softmax" else "relu_squared"
-    attrs = {"num_heads": layout.heads, "scale": chain.scale, "causal": 0, "score_fn": score_fn}
+    query = chain.fold_shape_factors(probe, q, name, rewrite, index.model.opset_import)
+    bias = None
     if chain.has_bias:
         bias, bias_values = chain_bias(index, probe, chain, name, rewrite, rank4=False)
         # a bias read from graph tensors that span q's batch axes (by the exporter's symbolic shapes) spans them too
         full = all(any(probe.same_symbolic_dims(side, q, [axis]) for side in chain.side_inputs(index))
                    for axis in layout.batch)
+        fold = key_side_bias(index, probe, bias, name, rewrite) if anchor.op_type == "Softmax" else None
+        if fold is not None:  # the softmax ignores the bias's query-side terms: what is left reads the keys alone
+            bias, full = fold.bias, False
+            bias_values = [run[bias] for run in probe.runs] if bias else []
+    inputs, values, op_output, expected = layout.qkv_into_op(probe, query, k, v, output, name, rewrite,
+                                                             k_transposed)
+    nodes = closed_region(index, [q, k, v, *chain.side_inputs(index)], output)
+
+    score_fn = "softmax" if anchor.op_type == "Softmax" else "relu_squared"
+    attrs = {"num_heads": layout.heads, "scale": chain.scale, "causal": 0, "score_fn": score_fn}
+    if bias:
         bias, bias_value = layout.bias_into_op(probe, bias, bias_values, like=q, name=name, rewrite=rewrite,
                                                full_batch=full)
         inputs, values = inputs + [bias], values + [bias_value]
