@@ -28,9 +28,9 @@ def match(index: GraphIndex, probe: Probe, anchor: onnx.NodeProto, chain: ScoreC
         # a bias read from graph tensors that span q's batch axes (by the exporter's symbolic shapes) spans them too
         full = all(any(probe.same_symbolic_dims(side, q, [axis]) for side in chain.side_inputs(index))
                    for axis in layout.batch)
-        fold = key_side_bias(index, probe, bias, name, rewrite) if anchor.op_type == "Softmax" else None
-        if fold is not None:  # the softmax ignores the bias's query-side terms: what is left reads the keys alone
-            bias, full = fold.bias, False
+        key_side = key_side_bias(index, probe, bias, name, rewrite) if anchor.op_type == "Softmax" else None
+        if key_side is not None:  # the softmax ignores the bias's query-side terms: what is left reads the keys alone
+            bias, full = key_side.bias, False
             bias_values = [run[bias] for run in probe.runs] if bias else []
     inputs, values, op_output, expected = layout.qkv_into_op(probe, query, k, v, output, name, rewrite,
                                                              k_transposed)

@@ -38,7 +38,7 @@ class Term:
 
 
 @dataclass
-class Fold:
+class KeySide:
     bias: str | None  # c [.., 1, Nk], or None when the bias had no key-side part
 
 
@@ -155,8 +155,8 @@ class _Walk:
         return next((t for t in (self._keys_of(i, depth + 1) for i in node.input) if t), None)
 
 
-def key_side_bias(index: GraphIndex, probe: Probe, bias: str, name: str, rewrite: Rewrite) -> Fold | None:
-    """The softmax's bias with the query-side terms it ignores dropped (Fold.bias None: nothing left); None, with
+def key_side_bias(index: GraphIndex, probe: Probe, bias: str, name: str, rewrite: Rewrite) -> KeySide | None:
+    """The softmax's bias with the query-side terms it ignores dropped (KeySide.bias None: nothing left); None, with
     nothing written to `rewrite`, where `bias` does not separate so. The caller checks the result numerically, as
     every rewrite."""
     if bias not in index.producer:  # a bias the pass computes (a mask copied onto zero scores): not walked
@@ -178,7 +178,7 @@ def key_side_bias(index: GraphIndex, probe: Probe, bias: str, name: str, rewrite
             return None
     rewrite.nodes.extend(trial.nodes)
     rewrite.initializers.extend(trial.initializers)
-    return Fold(sums.get(None))
+    return KeySide(sums.get(None))
 
 
 def _from_constants(index: GraphIndex, trial: Rewrite, tensor: str) -> bool:
