@@ -2,9 +2,11 @@
 
     python benchmarks/fusion.py                      # every zoo model, default config, its default length
     python benchmarks/fusion.py --models bigbird,vit --layers 12 --iters 20 --json out/fusion.json
+    python benchmarks/fusion.py --threads 1         # one onnxruntime thread: steadier on a shared machine
 
 For each model: export (dynamo, dynamic axes), fuse (timed), then the median latency of both graphs on the same
-inputs in one process, interleaved, and their ratio (fused / reference: below 1 means the fused graph is faster).
+inputs in one process, called in turns, and their ratio (fused / reference: below 1 means the fused graph is
+faster), the median of the ratios of neighbouring calls.
 The fused graph runs as model.fused.portable.onnx holds it: each custom op's decomposition as a model-local function,
 which is what plain onnxruntime and Triton's onnxruntime backend run.
 """
@@ -27,8 +29,8 @@ from attn_export.backends import OnnxRuntimeRunner  # noqa: E402
 from attn_export.export import export_onnx  # noqa: E402
 
 
-def interleaved_median_ms(runners, feeds, iters: int) -> list[float]:
-    """Median latency of each runner, the runners taking turns call by call: a change in machine load hits all."""
+def interleaved_ms(runners, feeds, iters: int) -> list[list[float]]:
+    """Latencies of each runner, the runners taking turns call by call: a change in machine load hits all."""
     for runner in runners:
         runner.run(feeds)  # warm-up
     samples = [[] for _ in runners]
@@ -37,10 +39,10 @@ def interleaved_median_ms(runners, feeds, iters: int) -> list[float]:
             start = time.perf_counter()
             runner.run(feeds)
             times.append((time.perf_counter() - start) * 1e3)
-    return [float(np.median(times)) for times in samples]
+    return samples
 
 
-def bench_model(name: str, layers: int | None, iters: int) -> dict:
+def bench_model(name: str, layers: int | None, iters: int, threads: int | None = None) -> dict:
     entry = models.get(name)
     config = entry.make_config({"num_layers": layers} if layers else {})
     torch.manual_seed(0)
@@ -51,22 +53,23 @@ def bench_model(name: str, layers: int | None, iters: int) -> dict:
     inputs = entry.example_inputs(config, 1, seq_len)
     probe = probe if len(probe) > 1 else probe * 2  # a fixed-length model is probed twice at its one length
     reference = export_onnx(module, inputs, dynamic_axes=entry.dynamic_axes, probe_shapes=probe)
-    timed, report = fuse_and_time(reference, {k: v.numpy() for k, v in inputs.items()}, iters)
+    timed, report = fuse_and_time(reference, {k: v.numpy() for k, v in inputs.items()}, iters, threads)
     return {"model": name, "layers": config.num_layers, "seq_len": seq_len, "fused_layers": report.fused,
             "attention_layers": report.attention_layers, **timed}
 
 
-def fuse_and_time(reference, feeds: dict, iters: int):
-    """Fuse `reference` (timed), then the best of three median latencies of both graphs, run in turns call by call
-    (drift in machine load hits both alike). Returns ({fuse_seconds, reference_ms, fused_ms, ratio}, the fusion
-    report)."""
+def fuse_and_time(reference, feeds: dict, iters: int, threads: int | None = None):
+    """Fuse `reference` (timed), then time both graphs run in turns call by call. The ratio is the median of the
+    ratios of neighbouring calls, which share the machine's load; the latencies are medians.
+    Returns ({fuse_seconds, reference_ms, fused_ms, ratio}, the fusion report)."""
     start = time.perf_counter()
     fused, report = api.fuse(reference)
     fuse_s = time.perf_counter() - start
-    runners = [OnnxRuntimeRunner(reference, "model.onnx"), OnnxRuntimeRunner(fused, "model.fused.onnx")]
-    rounds = [interleaved_median_ms(runners, feeds, iters) for _ in range(3)]
-    ref, fus = (min(r[i] for r in rounds) for i in (0, 1))
-    return {"fuse_seconds": fuse_s, "reference_ms": ref, "fused_ms": fus, "ratio": fus / ref}, report
+    runners = [OnnxRuntimeRunner(reference, "model.onnx", threads=threads),
+               OnnxRuntimeRunner(fused, "model.fused.onnx", threads=threads)]
+    ref, fus = (np.array(t) for t in interleaved_ms(runners, feeds, 3 * iters))
+    return {"fuse_seconds": fuse_s, "reference_ms": float(np.median(ref)), "fused_ms": float(np.median(fus)),
+            "ratio": float(np.median(fus / ref))}, report
 
 
 def main() -> None:
@@ -74,12 +77,14 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(sorted(models.ZOO)))
     parser.add_argument("--layers", type=int, help="override num_layers (e.g. 12 to time fusing a deep model)")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: one per core); 1 is "
+                        "the steadier measure on a shared machine")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows = []
     print(f"{'model':15s} {'len':>5s} {'fused':>7s} {'fuse s':>7s} {'ref ms':>8s} {'fused ms':>9s} {'ratio':>6s}")
     for name in args.models.split(","):
-        row = bench_model(name, args.layers, args.iters)
+        row = bench_model(name, args.layers, args.iters, args.threads)
         rows.append(row)
         print(f"{name:15s} {row['seq_len']:5d} {row['fused_layers']:3d}/{row['attention_layers']:<3d} "
               f"{row['fuse_seconds']:7.1f} {row['reference_ms']:8.1f} {row['fused_ms']:9.1f} {row['ratio']:6.2f}",

@@ -13,13 +13,17 @@ class OnnxRuntimeRunner(Runner):
 
     name = "onnxruntime"
 
-    def __init__(self, model: onnx.ModelProto, label: str, providers: list[str] | None = None):
+    def __init__(self, model: onnx.ModelProto, label: str, providers: list[str] | None = None,
+                 threads: int | None = None):
+        """`threads`: onnxruntime's intra-op threads (None: its default, one per core)."""
         super().__init__(label)
         import onnxruntime as ort
 
         ort.set_default_logger_severity(3)  # graph-optimizer notes are not the user's business
         options = ort.SessionOptions()
         options.log_severity_level = 4  # errors reach the user as one line of ours
+        if threads:
+            options.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(with_function_bodies(model).SerializeToString(), options,
                                                 providers=providers or ["CPUExecutionProvider"])
