@@ -153,6 +153,8 @@ class ChunkLayout:
         if len(gathered) != 1:
             return False
         part, source, indices = gathered[0]
+        if all(probe.shape(part, run)[chunk] == 1 for run in range(len(probe.runs))):
+            return False  # one chunk at every probe: nothing tells a shared set from a per-chunk one
         lead = [tuple(probe.shape(source, run)[:chunk]) for run in range(len(probe.runs))]
         if any([tuple(probe.shape(p, run)[:chunk]) for run in range(len(probe.runs))] != lead for p in shared):
             return False  # a shared set broadcast over the batch or heads: the plain join expands it
@@ -171,10 +173,14 @@ class ChunkLayout:
                 offset, offset + n, dtype=np.int64)[None]), size], f"{name}{i}_table", name=f"{name}{i}_table"))
             offset += n
         sources.append(source)
+        # Gather reads an index i < 0 as i + M: made explicit before the offset is added
+        source_rows = rewrite.node("Shape", [source], f"{name}_source_rows", name=f"{name}_source_rows",
+                                   start=chunk, end=chunk + 1)
+        tiles = rewrite.node("Mod", [rewrite.node("Cast", [tiles], f"{name}_tiles64", name=f"{name}_tiles64",
+                                                  to=onnx.TensorProto.INT64), source_rows],
+                             f"{name}_tiles_wrapped", name=f"{name}_tiles_wrapped")
         shift = rewrite.constant(f"{name}_tiles_offset", np.array(offset, np.int64))
-        table.append(rewrite.node("Add", [rewrite.node("Cast", [tiles], f"{name}_tiles64", name=f"{name}_tiles64",
-                                                        to=onnx.TensorProto.INT64), shift],
-                                  f"{name}_tiles_table", name=f"{name}_tiles_table"))
+        table.append(rewrite.node("Add", [tiles, shift], f"{name}_tiles_table", name=f"{name}_tiles_table"))
         # order of the joined rows: the parts' order (the shared sets come first in the source, not in the rows)
         order = [table[shared.index(p)] if p in shared else table[-1] for p in parts]
         joined = rewrite.node("Concat", sources, f"{name}_source", name=f"{name}_source", axis=chunk)
@@ -258,7 +264,7 @@ class ChunkLayout:
 
 def _tiles(index: GraphIndex, probe: Probe, part: str, chunk: int) -> tuple[str, str] | None:
     """(source, indices) when `part` [.., G, rows, D] is Gather(source [.., M, D], indices, axis=chunk), the indices
-    [G, rows], or [G * rows] reshaped to [.., G, rows, D] after the Gather; indices never negative."""
+    [G, rows], or [G * rows] reshaped to [.., G, rows, D] after the Gather."""
     node = index.producer.get(part)
     if node is not None and node.op_type == "Reshape":
         node = index.producer.get(node.input[0])
@@ -272,7 +278,7 @@ def _tiles(index: GraphIndex, probe: Probe, part: str, chunk: int) -> tuple[str,
     for run in range(len(probe.runs)):
         shape, src, ind = probe.shape(part, run), probe.shape(source, run), probe.runs[run][indices]
         if (src[:chunk] != shape[:chunk] or src[chunk + 1:] != shape[chunk + 2:]
-                or ind.size != shape[chunk] * shape[chunk + 1] or ind.ndim not in (1, 2) or ind.min(initial=0) < 0):
+                or ind.size != shape[chunk] * shape[chunk + 1] or ind.ndim not in (1, 2)):
             return None
     return source, indices
 

@@ -24,6 +24,7 @@ import onnx
 from .framework import Rewrite
 from .graph import GraphIndex
 from .probe import Probe
+from .softmax_core import axis_is_last
 
 # ops that can make inf or NaN out of finite inputs (overflow aside); Div is safe by a static divisor without zeros
 NOT_FINITE_SAFE = {"Log", "Div", "Reciprocal", "Sqrt", "Pow"}
@@ -98,7 +99,7 @@ class _Walk:
         node = self.index.producer.get(tensor)
         if kind != "full" or node is None or depth > 16:
             return None
-        if node.op_type == "Concat" and _axis(node, self.rank) == self.rank - 1:
+        if node.op_type == "Concat" and axis_is_last(node, self.probe):
             return self._concatenated(node.input, depth)
         parts = [self.terms(t, depth + 1) for t in node.input]
         if any(p is None for p in parts):
@@ -233,7 +234,3 @@ class _FiniteCheck:
     def _nonzero_static(self, tensor: str) -> bool:
         return self.index.is_static(tensor) and all(np.all(run[tensor] != 0) for run in self.probe.runs)
 
-
-def _axis(node: onnx.NodeProto, rank: int) -> int:
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-    return axis % rank
