@@ -121,6 +121,18 @@ def test_dense_equals_sdpa_and_masked_rows_are_zero():
     assert torch.equal(out[:, 3], torch.zeros_like(out[:, 3]))
 
 
+
+def test_the_masked_row_guard_loads_in_onnxruntime_without_a_warning(capfd):
+    """The guard's If reads the softmax from the outer graph: an outer Slice read there too made onnxruntime's
+    optimiser print a warning on every load of a portable graph."""
+    q, k, v = (torch.randn(1, 6, 8) for _ in range(3))
+    bias = torch.zeros(1, 1, 6, 6)
+    bias[..., 2, :] = float("-inf")
+    capfd.readouterr()
+    got = run_single_op(DENSE, {}, [t.numpy() for t in (q, k, v, bias)])
+    assert np.all(got[:, 2] == 0) and np.isfinite(got).all()
+    assert "onnxruntime" not in capfd.readouterr().err
+
 # ------------------------------------------------------------------------------------------------ disentangled
 def _bucket_scalar(r: int, span: int, max_position: int) -> int:
     """make_log_bucket_position for one offset, written out: no clamp of r, float32 steps, correctly rounded logs."""

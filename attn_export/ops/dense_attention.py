@@ -121,13 +121,15 @@ def guarded_product(b: OnnxBuilder, scores: str, probs: str, values: str, masked
     neither copies an outer tensor into the If's output."""
     if masked_rows not in MASKED_ROWS:
         raise ValueError(f"unknown masked_rows {masked_rows!r}")
-    first = b.op("Slice", probs, b.const([0]), b.const([1]), b.const([-1]))  # [.., Nq, 1]
-    suspect = b.op("IsNaN", b.op("ReduceSum", first, keepdims=0))
+
+    def first_weights():  # [.., Nq, 1]; sliced anew inside the If: an outer Slice read there makes onnxruntime's
+        return b.op("Slice", probs, b.const([0]), b.const([1]), b.const([-1]))  # optimiser warn on every load
+    suspect = b.op("IsNaN", b.op("ReduceSum", first_weights(), keepdims=0))
 
     def guarded():
         out = b.op("MatMul", probs, values)
         if masked_rows == "zeros":
-            return b.op("Where", b.op("IsNaN", first), b.const(0.0, np.float32), out)
+            return b.op("Where", b.op("IsNaN", first_weights()), b.const(0.0, np.float32), out)
         # only rows that are all -inf become the mean (NaN from the inputs stays NaN): the row max tells
         dead = b.op("Equal", b.reduce("ReduceMax", scores, [-1]), b.const(-np.inf, np.float32))  # [.., Nq, 1]
         return b.op("Where", dead, b.reduce("ReduceMean", values, [-2]), out)
