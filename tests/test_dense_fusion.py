@@ -57,6 +57,10 @@ class Attention(nn.Module):
             scores = q @ k.transpose(-1, -2) * d ** -0.5
             o = torch.softmax(scores, -1) @ v
             return self.out(o.transpose(1, 2).reshape(b, n, -1)) + scores.mean()
+        elif self.style == "materialised_padded":  # the same, padded keys filled with -1e9 (-inf in half precision)
+            scores = q @ k.transpose(-1, -2) * d ** -0.5 + (1.0 - mask[:, None, None, :]) * -1e9
+            o = torch.softmax(scores, -1) @ v
+            return self.out(o.transpose(1, 2).reshape(b, n, -1)) + scores.amax(-1).amax(-1).mean()
         return self.out(o.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -89,6 +93,21 @@ def test_other_writers_fuse_into_dense_attention_with_parity(style, exporter):
         expected = module(**feeds).detach().numpy()
         got = next(iter(runner.run({k: v.numpy() for k, v in feeds.items()}).values()))
         assert abs(got - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("style,masked_rows", [("materialised_scores", "none"), ("materialised_padded", "zeros")])
+def test_materialised_logits_are_unchecked_only_where_every_row_keeps_a_key(style, masked_rows):
+    """Finite logits leave every softmax row a visible key, so the op checks none; a -1e9 fill is finite here but
+    -inf in an fp16 engine, where a fully padded row needs the check."""
+    module, model, inputs = _export(style, "dynamo")
+    fused, report = api.fuse(model)
+    assert report.all_fused, report.as_dict()
+    attributes = report.layers[0].attributes
+    assert attributes["logits_input"] == 1 and attributes["masked_rows"] == masked_rows
+    runner = OnnxRuntimeRunner(fused, "fused")
+    for feeds in inputs:
+        got = next(iter(runner.run({k: v.numpy() for k, v in feeds.items()}).values()))
+        assert abs(got - module(**feeds).detach().numpy()).max() < 1e-4
 
 
 def test_fixed_length_export_fuses_too():

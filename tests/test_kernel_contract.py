@@ -103,7 +103,8 @@ def test_params_hold_every_attribute_with_its_type(contract):
             assert m, f"{attribute.name}: the field's comment must name its enum ('// enum Name')"
             assert m.group(1) in enums, f"enum {m.group(1)} is not declared"
             expected = {enum_member(option): code for code, option in enumerate(options_of(contract, attribute))}
-            assert enums[m.group(1)] == expected, f"enum {m.group(1)} must list {expected} (contract order)"
+            listed = dict(list(enums[m.group(1)].items())[:len(expected)])  # an op may offer an enum's first codes
+            assert listed == expected, f"enum {m.group(1)} must list {expected} first (contract order)"
         else:
             pytest.fail(f"{attribute.name}: no header convention for attribute kind {attribute.kind!r} yet")
 

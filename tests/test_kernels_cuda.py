@@ -93,6 +93,25 @@ def test_dense_attention_fully_masked_rows_are_zero(dtype):
     assert (heads[:, 5] == 0).all() and (heads[:, 70:, 1] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_dense_attention_unchecked_rows_are_nan_as_a_plain_softmax_makes_them(dtype):
+    """masked_rows "none" (set where a pass proved the scores finite): a row that sees no key anyway is NaN, as in
+    the reference; every other row as the reference gives it."""
+    b, h, n, d = 1, 2, 96, 64
+    q, k, v = (rand(b, n, h * d, dtype=dtype) for _ in range(3))
+    bias = torch.zeros(b, h, n, n, device="cuda")
+    bias[:, 1, 70:] = float("-inf")
+    bias = bias.to(dtype)
+    out = cuda_ops.run_op("DenseAttention", q, k, v, bias, num_heads=h, masked_rows="none").float().cpu()
+    ref = OPS["DenseAttention"].reference(q.cpu(), k.cpu(), v.cpu(), bias.cpu(), num_heads=h, masked_rows="none")
+    dead = torch.zeros(b, n, h, d, dtype=torch.bool)
+    dead[:, 70:, 1] = True
+    dead = dead.reshape(b, n, h * d)
+    assert torch.isnan(out[dead]).all() and torch.isnan(ref.float()[dead]).all()
+    err = (out[~dead] - ref.float()[~dead]).abs().max()
+    assert err <= TOLERANCE[dtype] * ref.float()[~dead].abs().max()
+
+
 DENSE_MASKS = [  # batch, heads, q_len, kv_len, head_dim, causal, bias form, masked_rows
     (2, 4, 77, 90, 64, "padding", 0, "zeros"),  # [B, 1, 1, Nk] read in place (issue 14 item 4)
     (2, 4, 77, 90, 64, "padding", 0, "mean"),

@@ -122,6 +122,21 @@ def test_dense_equals_sdpa_and_masked_rows_are_zero():
 
 
 
+def test_unchecked_rows_are_nan_as_a_plain_softmax_makes_them():
+    """masked_rows "none": the other rows as "zeros" gives them, the row that sees no key NaN, in the reference and
+    its decomposition alike."""
+    heads, n = 2, 6
+    q, k, v = (torch.randn(1, n, heads * 4) for _ in range(3))
+    bias = torch.zeros(1, 1, n, n)
+    bias[..., 2, :] = float("-inf")
+    tensors, attrs = [q, k, v, bias], dict(num_heads=heads)
+    zeros = DENSE.reference(*tensors, **attrs, masked_rows="zeros").numpy()
+    for got in (DENSE.reference(*tensors, **attrs, masked_rows="none").numpy(),
+                run_single_op(DENSE, {**attrs, "masked_rows": "none"}, [t.numpy() for t in tensors])):
+        assert np.isnan(got[:, 2]).all()
+        rows = [i for i in range(n) if i != 2]
+        np.testing.assert_allclose(got[:, rows], zeros[:, rows], atol=1e-5, rtol=1e-4)
+
 def test_the_masked_row_guard_loads_in_onnxruntime_without_a_warning(capfd):
     """The guard's If reads the softmax from the outer graph: an outer Slice read there too made onnxruntime's
     optimiser print a warning on every load of a portable graph."""

@@ -8,6 +8,8 @@ Per head: out = weights(scale * q.k^T + bias [+ causal mask]) v, in float32 stat
   - scale 0 means 1/sqrt(D). A row with no visible key (every score -inf) outputs zeros with masked_rows "zeros",
     and the mean of all Nk values with masked_rows "mean": what a masked_fill with a finite fill (finfo.min,
     -10000) computes, since the softmax of equal numbers is uniform. softmax only (relu(s)^2 weighs a masked key 0).
+    masked_rows "none" checks no row, so such a row is NaN, as a plain softmax makes it: a pass sets it where it
+    proved every score finite (a row then always has a visible key), and the decomposition skips the check.
   - score_fn "softmax" (the default) normalises each row; "relu_squared" takes relu(s)^2 with no normalisation
     (FLASH's local attention; a masked key has s = -inf, so weight 0).
   - logits_input=1 (the K1-m form): the bias holds the complete, materialised logits, for maps that other ops
@@ -32,14 +34,17 @@ FLOATS = ("float32", "float16", "bfloat16")
 
 
 SCORE_FNS = ("softmax", "relu_squared")
-MASKED_ROWS = ("zeros", "mean")
+MASKED_ROWS = ("zeros", "mean", "none")
+MASKED_ROWS_DOC = "a softmax row with every score -inf: zeros, mean (of the values) or none (NaN, unchecked)"
 
 
 def masked_row_weights(scores: torch.Tensor, masked_rows: str) -> torch.Tensor:
     """softmax over the last axis. A row whose every score is -inf (0/0): zeros with "zeros" (today's rule, which
-    also zeroes NaN weights), uniform weights with "mean" (there NaN from the inputs stays NaN)."""
+    also zeroes NaN weights), uniform weights with "mean" (there NaN from the inputs stays NaN), NaN with "none"."""
     if masked_rows not in MASKED_ROWS:
         raise ValueError(f"unknown masked_rows {masked_rows!r}")
+    if masked_rows == "none":
+        return torch.softmax(scores, -1)
     if masked_rows == "zeros":
         return torch.softmax(scores, -1).nan_to_num(0.0)
     dead = (scores == float("-inf")).all(-1, keepdim=True)
@@ -118,9 +123,11 @@ def guarded_product(b: OnnxBuilder, scores: str, probs: str, values: str, masked
     the values. A softmax row is NaN everywhere or nowhere (one NaN or -inf max spoils its sum), so the rows' first
     weights tell: when none is NaN (the usual case) an If takes the plain product and skips the guard, a broadcast
     Where over the output that costs onnxruntime more than the check. Each branch writes its own product, so
-    neither copies an outer tensor into the If's output."""
+    neither copies an outer tensor into the If's output. "none" checks nothing: the plain product."""
     if masked_rows not in MASKED_ROWS:
         raise ValueError(f"unknown masked_rows {masked_rows!r}")
+    if masked_rows == "none":
+        return b.op("MatMul", probs, values)
 
     def first_weights():  # [.., Nq, 1]; sliced anew inside the If: an outer Slice read there makes onnxruntime's
         return b.op("Slice", probs, b.const([0]), b.const([1]), b.const([-1]))  # optimiser warn on every load
@@ -155,9 +162,7 @@ CONTRACT = OpContract(
         Attribute("score_fn", "string", "softmax", "scores to weights: " + ", ".join(SCORE_FNS),
                   options=SCORE_FNS),
         Attribute("logits_input", "int", 0, "1: the bias is the complete logits; query and key are not read"),
-        Attribute("masked_rows", "string", "zeros",
-                  "a softmax row with every score -inf: " + ", ".join(MASKED_ROWS) + " (mean of the values)",
-                  options=MASKED_ROWS),
+        Attribute("masked_rows", "string", "zeros", MASKED_ROWS_DOC, options=MASKED_ROWS),
     ),
     reference=reference,
     decompose=decompose,

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from .contract import Attribute, OpContract, TensorSpec, shape_of_first_input, split_heads
-from .dense_attention import MASKED_ROWS, guarded_product, masked_row_weights
+from .dense_attention import guarded_product, masked_row_weights
 from .onnx_builder import OnnxBuilder
 
 FLOATS = ("float32", "float16", "bfloat16")
+MASKED_ROWS = ("zeros", "mean")  # not DenseAttention's "none": no pass proves DeBERTa's scores finite
 
 
 def log_denominator(span: int, max_position: int) -> np.float32:
@@ -173,8 +174,7 @@ CONTRACT = OpContract(
         Attribute("scale", "float", 0.0, "score scale; 0 means 1/sqrt((1 + c2p + p2c) D)"),
         Attribute("c2p", "int", 1, "1: add the content-to-position term"),
         Attribute("p2c", "int", 1, "1: add the position-to-content term"),
-        Attribute("masked_rows", "string", "zeros",
-                  "a row with every score -inf: " + ", ".join(MASKED_ROWS) + " (mean of the values)",
+        Attribute("masked_rows", "string", "zeros", "a row with every score -inf: zeros, or mean (of the values)",
                   options=MASKED_ROWS),
     ),
     reference=reference,

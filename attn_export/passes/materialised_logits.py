@@ -2,7 +2,8 @@
 
 When the complete logits are materialised on purpose (another op reads them, as Evolving Attention hands each
 layer's map to the next) or are not affine in one QK^T product (the evolved map's convolution), only the softmax
-and the value product are fused: logits_input=1, the logits as the op's bias.
+and the value product are fused: logits_input=1, the logits as the op's bias. Logits proved finite (even in half
+precision) leave no row without a visible key, so the op checks none (masked_rows "none").
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import onnx
 
 from ..ops import DENSE_ATTENTION
 from . import head_layout
+from .finite_scores import FiniteCheck
 from .framework import Match, NotFused, Rewrite, check_no_escape, keep_shared_layouts, region, verify_numerically, \
     walk_to_boundary
 from .graph import GraphIndex
@@ -42,6 +44,8 @@ def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str, p
     nodes = keep_shared_layouts(index, nodes, [pv.input[1]])
     check_no_escape(index, nodes, output)
     attrs = {"num_heads": heads, "scale": 0.0, "causal": 0, "logits_input": 1}
+    if FiniteCheck(index, probe, half=True)(logits):  # every row keeps a visible key: nothing to check
+        attrs["masked_rows"] = "none"
     # the op reads only the shape of query and key (Nq = Nk here): the value stands in for both
     why = verify_numerically(OP, probe, [v_value, v_value, v_value, logits], expected, attrs)
     if why:

@@ -19,15 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 
+from .finite_scores import FiniteCheck
 from .framework import Rewrite
 from .graph import GraphIndex
 from .probe import Probe
 from .softmax_core import axis_is_last
 
-# ops that can make inf or NaN out of finite inputs (overflow aside); Div is safe by a static divisor without zeros
-NOT_FINITE_SAFE = {"Log", "Div", "Reciprocal", "Sqrt", "Pow"}
 MAX_TERMS = 8
 
 
@@ -168,7 +166,7 @@ def key_side_bias(index: GraphIndex, probe: Probe, bias: str, name: str, rewrite
         return None
     sums = walk.grouped(terms)
     dropped = [(row, col) for row, col in sums.items() if row is not None]
-    finite = _FiniteCheck(index, probe, trial)
+    finite = FiniteCheck(index, probe, trial)
     if not dropped or not all(finite(row) and _from_constants(index, trial, col) for row, col in dropped):
         return None
     made = {o for n in trial.nodes for o in n.output}
@@ -195,42 +193,4 @@ def _from_constants(index: GraphIndex, trial: Rewrite, tensor: str) -> bool:
             return False
     return True
 
-
-class _FiniteCheck:
-    """Whether a tensor is finite wherever the graph's inputs are: no op on its way from them makes inf or NaN out
-    of finite numbers, and no weight, constant or shape-computed tensor it reads holds one. Conservative: a layer
-    after one whose bias may hold -inf is refused, though the model may clean its output."""
-
-    def __init__(self, index: GraphIndex, probe: Probe, trial: Rewrite):
-        self.index, self.probe = index, probe
-        self.producer = {**index.producer, **{o: n for n in trial.nodes for o in n.output}}
-        self.constants = {**index.initializers, **{t.name: t for t in trial.initializers}}
-        self.safe: set[str] = set()
-
-    def __call__(self, tensor: str) -> bool:
-        todo, seen = [tensor], set()
-        while todo:
-            name = todo.pop()
-            if not name or name in seen or name in self.safe:
-                continue
-            seen.add(name)
-            if name in self.constants:
-                if not np.isfinite(onnx.numpy_helper.to_array(self.constants[name])).all():
-                    return False
-                continue
-            if self.index.is_static(name):  # computed from weights and shapes alone: read its values
-                if not all(np.isfinite(run[name]).all() for run in self.probe.runs):
-                    return False
-                continue
-            node = self.producer.get(name)
-            if node is None or node.op_type in ("Shape", "Size"):  # a graph input, or sizes only
-                continue
-            if node.op_type in NOT_FINITE_SAFE and not (node.op_type == "Div" and self._nonzero_static(node.input[1])):
-                return False
-            todo.extend(node.input)
-        self.safe |= seen
-        return True
-
-    def _nonzero_static(self, tensor: str) -> bool:
-        return self.index.is_static(tensor) and all(np.all(run[tensor] != 0) for run in self.probe.runs)
 

@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(WARPS * 32) tc_attention_kernel(const Attentio
     float inv = 1.f;
     if constexpr (kSoftmax) {
       const float total = quad_sum(row_sum[r]);
-      inv = total > 0.f ? __frcp_rn(total) : 0.f;
+      inv = total > 0.f ? __frcp_rn(total) : pol.empty_row;
     }
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
@@ -402,7 +402,7 @@ __global__ void __launch_bounds__(128, 4)  // 4 blocks/SM: also steers ptxas awa
   for (int rr = 0; rr < RPW; ++rr) {
     const int r = warp * RPW + rr, i = q0 + r;
     if (r >= rows_per_block || i >= pr.q_len) continue;
-    const float inv = !kSoftmax ? 1.f : row_sum[rr] > 0.f ? __frcp_rn(row_sum[rr]) : 0.f;
+    const float inv = !kSoftmax ? 1.f : row_sum[rr] > 0.f ? __frcp_rn(row_sum[rr]) : pol.empty_row;
 #pragma unroll
     for (int c = 0; c < VC; ++c) {
       const int d = c * 32 + lane;

@@ -58,14 +58,14 @@ struct BlockSparseAttentionParams {
 // ---------------------------------------------------------------------------------------------------------------
 // DenseAttention (attn_export/ops/dense_attention.py)
 // weights(scale * q.k^T + bias [+ causal mask]) v with float32 statistics; bias broadcasts over batch, heads and
-// query rows (index_math.h: bias_strides). A softmax row whose every score is -inf gives zeros, or the mean of the
-// values with masked_rows kMean.
+// query rows (index_math.h: bias_strides). A softmax row whose every score is -inf gives zeros, the mean of the
+// values with masked_rows kMean, or NaN with kNone (no check: for scores a pass proved finite).
 // weights: softmax over each row, or relu(s)^2 with no normalisation. With logits_input the bias is the whole
 // score (query and key are not read; scale and head_dim are ignored).
 // The codes of `score_fn`, in the order of dense_attention.SCORE_FNS.
 enum class ScoreFn : int32_t { kSoftmax = 0, kReluSquared = 1 };
 // The codes of `masked_rows`, in the order of dense_attention.MASKED_ROWS.
-enum class MaskedRows : int32_t { kZeros = 0, kMean = 1 };
+enum class MaskedRows : int32_t { kZeros = 0, kMean = 1, kNone = 2 };
 
 struct DenseAttentionParams {
   const void* query;           // [batch, q_len, num_heads * head_dim] (not read with logits_input)
@@ -121,7 +121,7 @@ struct KernelizedAttentionParams {
 // DisentangledAttention (attn_export/ops/disentangled_attention.py)
 // DeBERTa: softmax(scale * (q.k + c2p q.rel_key[delta] + p2c k.rel_query[delta]) + bias) v with delta the
 // (log-bucketed) relative position shifted by span and clamped to [0, 2*span) (index_math.h: relative_row). The
-// bias broadcasts like DenseAttention's; masked_rows as there.
+// bias broadcasts like DenseAttention's; masked_rows as there, kZeros or kMean only.
 struct DisentangledAttentionParams {
   const void* query;           // [batch, seq_len, num_heads * head_dim]
   const void* key;             // [batch, seq_len, num_heads * head_dim]

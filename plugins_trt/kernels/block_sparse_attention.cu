@@ -15,6 +15,7 @@ struct BlockSparsePolicy {
   const T* key_bias;     // [batch, seq_len] or nullptr
   int index_heads, num_blocks, slots, block_size, global_blocks, count_repeats, seq_len;
   float scale_log2;
+  static constexpr float empty_row = 0.f;  // a row that sees no key is zeros
   int tile;
 
   // scratch: [0] listed block count (-1: global row), [1, 1 + slots) the table row, then the de-duplicated list

@@ -4,6 +4,7 @@
 // loaded); the bias is read in the score's fragment layout, so it costs one pass over [Nq, Nk] and nothing more.
 // score_fn and logits_input are template arguments of the policy, so the softmax path compiles as before.
 // The bias is read through broadcast strides (index_math.h), so [B, 1, 1, Nk] padding masks need no expansion.
+// masked_rows kNone: a row with no visible key is NaN (0/0), unchecked, as a plain softmax makes it.
 // masked_rows kMean: a masked score (-inf from the bias or the causal mask) becomes kMaskedLogit, a finite floor, so
 // a row with no visible key averages every key uniformly while any visible key outweighs the floor by exp2(1e30).
 #include "attention_core.cuh"
@@ -24,6 +25,7 @@ struct DensePolicy {
   BiasStrides bias_strides;
   int q_len, kv_len, causal, diagonal;  // diagonal = kv_len - q_len: query i sees keys j <= i + diagonal
   bool masked_mean;                     // masked_rows kMean (softmax only)
+  float empty_row;                      // scales a softmax row with no visible key: 0, or NaN with kNone
   float scale_units;                    // scale * kUnits
   int rows_per_tile;
   int tile;
@@ -57,6 +59,7 @@ cudaError_t run_with(const DenseAttentionParams& p, cudaStream_t stream) {
   pol.bias = static_cast<const T*>(p.bias);
   pol.bias_strides = bias_strides(p.bias_batch, p.bias_heads, p.bias_rows, p.kv_len);
   pol.masked_mean = !RELU_SQUARED && p.masked_rows == static_cast<int32_t>(MaskedRows::kMean);
+  pol.empty_row = p.masked_rows == static_cast<int32_t>(MaskedRows::kNone) ? NAN : 0.f;
   pol.q_len = p.q_len, pol.kv_len = p.kv_len, pol.causal = p.causal != 0, pol.diagonal = p.kv_len - p.q_len;
   if (!LOGITS) {
     const float scale = p.scale != 0.f ? p.scale : 1.f / std::sqrt(static_cast<float>(p.head_dim));
@@ -100,7 +103,7 @@ cudaError_t launch_dense_attention(const DenseAttentionParams& p, DataType dtype
   if (p.bias && ((p.bias_batch != 1 && p.bias_batch != p.batch) || (p.bias_heads != 1 && p.bias_heads != p.num_heads) ||
                  (p.bias_rows != 1 && p.bias_rows != p.q_len) || (p.logits_input && p.bias_rows != p.q_len)))
     return cudaErrorInvalidValue;
-  if (p.masked_rows != static_cast<int32_t>(MaskedRows::kZeros) && p.masked_rows != static_cast<int32_t>(MaskedRows::kMean))
+  if (p.masked_rows < static_cast<int32_t>(MaskedRows::kZeros) || p.masked_rows > static_cast<int32_t>(MaskedRows::kNone))
     return cudaErrorInvalidValue;
   if (p.q_len == 0) return cudaSuccess;
   return detail::dispatch_dtype(dtype, [&](auto t) { return detail::run<decltype(t)>(p, stream); });

@@ -32,6 +32,7 @@ struct DisentangledPolicy {
   BiasStrides bias_strides;
   int n, heads, two_span;
   bool masked_mean;
+  static constexpr float empty_row = 0.f;  // a row with no visible key is zeros (a runtime NaN spilled)
   float scale_log2;
   int tile;
 

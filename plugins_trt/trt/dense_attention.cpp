@@ -9,7 +9,8 @@ namespace c = contracts::dense_attention;
 // The generated option order is the kernel's enum order (both follow dense_attention.SCORE_FNS).
 static_assert(static_cast<int32_t>(ScoreFn::kSoftmax) == 0 && static_cast<int32_t>(ScoreFn::kReluSquared) == 1,
               "score_fn codes follow SCORE_FNS");
-static_assert(static_cast<int32_t>(MaskedRows::kZeros) == 0 && static_cast<int32_t>(MaskedRows::kMean) == 1,
+static_assert(static_cast<int32_t>(MaskedRows::kZeros) == 0 && static_cast<int32_t>(MaskedRows::kMean) == 1 &&
+                  static_cast<int32_t>(MaskedRows::kNone) == 2,
               "masked_rows codes follow MASKED_ROWS");
 
 Status DenseAttentionOp::checkFields(FieldValues const& f) {

@@ -13,7 +13,7 @@ namespace contracts {
 inline constexpr char kPluginNamespace[] = "attn_export";
 // Fingerprint of the tables below (attn_export.plugin_contracts.contracts_digest()), recorded by engine
 // manifests.
-#define ATTN_EXPORT_CONTRACTS_DIGEST "2bd70ab3baa87a8b"
+#define ATTN_EXPORT_CONTRACTS_DIGEST "6e459e61e43a568e"
 inline constexpr char kContractsDigest[] = ATTN_EXPORT_CONTRACTS_DIGEST;
 
 // BlockSparseAttention v1: attn_export/ops/block_sparse_attention.py
@@ -45,14 +45,14 @@ inline constexpr char kName[] = "DenseAttention";
 inline constexpr char kVersion[] = "1";
 enum Field : int32_t { kNumHeads = 0, kScale = 1, kCausal = 2, kScoreFn = 3, kLogitsInput = 4, kMaskedRows = 5 };
 inline constexpr char const* kScoreFnOptions[] = {"softmax", "relu_squared"};
-inline constexpr char const* kMaskedRowsOptions[] = {"zeros", "mean"};
+inline constexpr char const* kMaskedRowsOptions[] = {"zeros", "mean", "none"};
 inline constexpr FieldSpec kFields[] = {
     {"num_heads", FieldKind::kInt, 1, 0.0f, "", nullptr, 0, nullptr, 0},
     {"scale", FieldKind::kFloat, 0, 0.0f, "", nullptr, 0, nullptr, 0},
     {"causal", FieldKind::kInt, 0, 0.0f, "", nullptr, 0, nullptr, 0},
     {"score_fn", FieldKind::kString, 0, 0.0f, "softmax", kScoreFnOptions, 2, nullptr, 0},
     {"logits_input", FieldKind::kInt, 0, 0.0f, "", nullptr, 0, nullptr, 0},
-    {"masked_rows", FieldKind::kString, 0, 0.0f, "zeros", kMaskedRowsOptions, 2, nullptr, 0},
+    {"masked_rows", FieldKind::kString, 0, 0.0f, "zeros", kMaskedRowsOptions, 3, nullptr, 0},
 };
 inline constexpr InputSpec kInputs[] = {
     {"query", 3, TensorKind::kFloating, false},
