@@ -5,7 +5,8 @@ the two score blocks on the key axis, takes one softmax, and splits the weights 
     P = softmax([s Q K1^T + b1 | s Q K2^T + b2]),   out = P[..., :n1] V1 + P[..., n1:] V2
 That is one attention over keys [K1; K2] and values [V1; V2] with bias [b1 | b2]. The rewrite builds those
 concatenations in the graph (a key set shared by every chunk, like the landmarks [B, H, 1, r, D], is expanded over
-the chunks) and hands them, chunks folded into the batch, to DenseAttention; the numerical check decides.
+the chunks) and hands them, chunks folded into the batch, to DenseAttention; the numerical check decides. A block
+with no bias (the landmarks) leaves every row a visible key, so the op checks no row (masked_rows "none").
 """
 from __future__ import annotations
 
@@ -91,10 +92,19 @@ def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -
 
     nodes = closed_region(index, boundary, output)
     attrs = {"num_heads": layout.heads, "scale": chains[0].scale, "causal": 0}
+    if any(_never_masked(probe, chain) for chain in chains):  # every row keeps that block's keys: nothing to check
+        attrs["masked_rows"] = "none"
     why = verify_numerically(OP, probe, [query[1], key[1], value[1], bias_value], expected, attrs)
     if why:
         raise NotFused(f"the op's reference does not reproduce the graph: {why}")
     return rewrite.match(OP, name, [query[0], key[0], value[0], bias_op], op_output, attrs, nodes)
+
+
+def _never_masked(probe: Probe, chain) -> bool:
+    """A score block with no bias over a key count that does not change with the length (Transformer-LS's r
+    landmarks): its scores are finite wherever q and k are, so no row of the softmax loses every key."""
+    cols = {probe.shape(chain.qk.output[0], run)[-1] for run in range(len(probe.runs))}
+    return not chain.has_bias and len(cols) == 1 and 0 not in cols
 
 
 def _sum_of(index: GraphIndex, tensors: list[str]) -> str | None:
@@ -139,3 +149,4 @@ def _concatenated_bias(index: GraphIndex, probe: Probe, chains: list, name: str,
         expanded.append(rewrite.node("Expand", [block, target], f"{name}/block{i}_common",
                                      name=f"{name}/block{i}_common"))
     return rewrite.node("Concat", expanded, f"{name}/bias_all", name=f"{name}/bias_concat", axis=-1)
+
