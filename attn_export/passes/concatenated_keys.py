@@ -149,4 +149,3 @@ def _concatenated_bias(index: GraphIndex, probe: Probe, chains: list, name: str,
         expanded.append(rewrite.node("Expand", [block, target], f"{name}/block{i}_common",
                                      name=f"{name}/block{i}_common"))
     return rewrite.node("Concat", expanded, f"{name}/bias_all", name=f"{name}/bias_concat", axis=-1)
-
