@@ -35,7 +35,6 @@ FLOATS = ("float32", "float16", "bfloat16")
 
 SCORE_FNS = ("softmax", "relu_squared")
 MASKED_ROWS = ("zeros", "mean", "none")
-MASKED_ROWS_DOC = "a softmax row with every score -inf: zeros, mean (of the values) or none (NaN, unchecked)"
 
 
 def masked_row_weights(scores: torch.Tensor, masked_rows: str) -> torch.Tensor:
@@ -162,7 +161,9 @@ CONTRACT = OpContract(
         Attribute("score_fn", "string", "softmax", "scores to weights: " + ", ".join(SCORE_FNS),
                   options=SCORE_FNS),
         Attribute("logits_input", "int", 0, "1: the bias is the complete logits; query and key are not read"),
-        Attribute("masked_rows", "string", "zeros", MASKED_ROWS_DOC, options=MASKED_ROWS),
+        Attribute("masked_rows", "string", "zeros",
+                  "a softmax row with every score -inf: zeros, mean (of the values) or none (NaN, unchecked)",
+                  options=MASKED_ROWS),
     ),
     reference=reference,
     decompose=decompose,

@@ -192,5 +192,3 @@ def _from_constants(index: GraphIndex, trial: Rewrite, tensor: str) -> bool:
         elif name not in constants and not index.is_static(name):
             return False
     return True
-
-
