@@ -121,7 +121,6 @@ def test_dense_equals_sdpa_and_masked_rows_are_zero():
     assert torch.equal(out[:, 3], torch.zeros_like(out[:, 3]))
 
 
-
 def test_unchecked_rows_are_nan_as_a_plain_softmax_makes_them():
     """masked_rows "none": the other rows as "zeros" gives them, the row that sees no key NaN, in the reference and
     its decomposition alike."""
@@ -136,6 +135,41 @@ def test_unchecked_rows_are_nan_as_a_plain_softmax_makes_them():
         assert np.isnan(got[:, 2]).all()
         rows = [i for i in range(n) if i != 2]
         np.testing.assert_allclose(got[:, rows], zeros[:, rows], atol=1e-5, rtol=1e-4)
+
+
+@settings(max_examples=12, deadline=None)
+@given(heads=st.integers(1, 2), groups=st.integers(1, 3), shared_rows=st.integers(1, 4), nq=st.integers(1, 5),
+       causal=st.integers(0, 1), masked_rows=st.sampled_from(["zeros", "mean"]), seed=st.integers(0, 99))
+def test_shared_keys_are_what_each_group_sees_first(heads, groups, shared_rows, nq, causal, masked_rows, seed):
+    """Batch row b sees its group's shared set (b // (B / Bs)) ahead of its own keys: the same output as those keys
+    copied into every row, in the reference and its decomposition; a row whose keys are all masked, shared ones
+    included, follows masked_rows over all R + Nk values."""
+    g = torch.Generator().manual_seed(seed)
+    sets, d, nk = 2, 4, nq + 1
+    rows = sets * groups
+    q, k, v = (torch.randn(rows, n, heads * d, generator=g) for n in (nq, nk, nk))
+    shared_k, shared_v = (torch.randn(sets, shared_rows, heads * d, generator=g) for _ in range(2))
+    bias = torch.where(torch.rand(rows, 1, nq, shared_rows + nk, generator=g) < 0.3, float("-inf"), 0.0)
+    bias[-1, :, 0] = float("-inf")  # the last row's first query sees no key at all
+    attrs = dict(num_heads=heads, causal=causal, masked_rows=masked_rows)
+    copied = [torch.cat([s[b // groups][None] for b in range(rows)]) for s in (shared_k, shared_v)]
+    expected = DENSE.reference(q, torch.cat([copied[0], k], 1), torch.cat([copied[1], v], 1), bias, **attrs)
+    torch.testing.assert_close(DENSE.reference(q, k, v, bias, shared_k, shared_v, **attrs), expected)
+    got = run_single_op(DENSE, attrs, [t.numpy() for t in (q, k, v, bias, shared_k, shared_v)])
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-5, rtol=1e-4)
+    if masked_rows == "mean":
+        torch.testing.assert_close(expected[-1, 0], torch.cat([copied[1][-1], v[-1]]).mean(0))
+
+
+def test_shared_keys_come_as_a_pair_after_a_bias_and_divide_the_batch():
+    q = k = v = torch.randn(4, 3, 8)
+    shared, bias = torch.randn(3, 2, 8), torch.zeros(1, 1, 1, 5)
+    for pair, bias_given in (((shared[:2], None), bias), ((shared[:2], shared[:2]), None)):
+        with pytest.raises(ValueError, match="together, after a bias"):
+            DENSE.reference(q, k, v, bias_given, *pair)
+    with pytest.raises(ValueError, match="does not divide"):
+        DENSE.reference(q, k, v, bias, shared, shared)
+
 
 def test_the_masked_row_guard_loads_in_onnxruntime_without_a_warning(capfd):
     """The guard's If reads the softmax from the outer graph: an outer Slice read there too made onnxruntime's

@@ -15,6 +15,12 @@ Per head: out = weights(scale * q.k^T + bias [+ causal mask]) v, in float32 stat
   - logits_input=1 (the K1-m form): the bias holds the complete, materialised logits, for maps that other ops
     also read (Evolving Attention hands each layer's map to the next); the values of query and key are not
     read (query still gives Nq, its rows), and scale is ignored.
+  - shared_key, shared_value (optional, together, after a bias: only trailing inputs may be left out;
+    [Bs, R, H*D] and [Bs, R, H*Dv], Bs dividing B):
+    a key set that every row of a group of B / Bs consecutive batch rows sees ahead of its own keys. Batch row b
+    attends to [shared_key[b // (B / Bs)]; key[b]], R + Nk keys that the bias and the causal diagonal both count.
+    Transformer-LS's r landmarks, seen by every segment (segments folded into the batch), are read in place, never
+    copied into each segment. Not with logits_input.
 Covers ViT, Switch's attention, MGK (one softmax over 2N augmented keys), Evolving Attention (the evolved map
 as logits), Treeformer TC, chunked local attention run per chunk (SPADE, FLASH), and standard attention written
 any other way.
@@ -50,10 +56,18 @@ def masked_row_weights(scores: torch.Tensor, masked_rows: str) -> torch.Tensor:
     return torch.softmax(scores, -1).masked_fill(dead, 1.0 / max(scores.shape[-1], 1))
 
 
-def reference(query, key, value, bias=None, *, num_heads=1, scale=0.0, causal=0, score_fn="softmax",
-              logits_input=0, masked_rows="zeros"):
+def reference(query, key, value, bias=None, shared_key=None, shared_value=None, *, num_heads=1, scale=0.0,
+              causal=0, score_fn="softmax", logits_input=0, masked_rows="zeros"):
     if score_fn not in SCORE_FNS:
         raise ValueError(f"unknown score_fn {score_fn!r}")
+    if (shared_key is None) != (shared_value is None) or (shared_key is not None and (logits_input or bias is None)):
+        raise ValueError("shared_key and shared_value come together, after a bias, and not with logits_input")
+    if shared_key is not None:  # each group of batch rows sees its shared set first
+        if key.shape[0] % shared_key.shape[0]:
+            raise ValueError(f"the shared sets' batch {shared_key.shape[0]} does not divide {key.shape[0]}")
+        group = key.shape[0] // shared_key.shape[0]
+        key, value = (torch.cat([s.repeat_interleave(group, 0), t], 1)
+                      for s, t in ((shared_key, key), (shared_value, value)))
     v = split_heads(value, num_heads).float()
     if logits_input:
         if bias is None:
@@ -79,9 +93,10 @@ def reference(query, key, value, bias=None, *, num_heads=1, scale=0.0, causal=0,
 
 def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict) -> None:
     query, key, value = inputs[:3]
-    bias = inputs[3] if len(inputs) > 3 and inputs[3] else ""
+    bias, shared_key, shared_value = (inputs[i] if len(inputs) > i else "" for i in (3, 4, 5))
     v = b.split_heads(value, attrs["num_heads"])  # [B,H,N,Dv]
     vf = b.op("Cast", v, to=1)  # float32 statistics
+    shared = None  # (keys, values) of the shared sets, [Bs,H,R,D] and [Bs,H,R,Dv]
     if attrs["logits_input"]:
         scores = b.op("Cast", bias, to=1)
     else:
@@ -92,7 +107,11 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
         else:
             head_dim = b.op("Cast", b.dim(b.op("Shape", qf), 3), to=1)
             scale = b.op("Reciprocal", b.op("Sqrt", head_dim))
-        scores = b.op("MatMul", b.op("Mul", qf, scale), b.transpose_last(kf, 4))  # scaling q: N*D products, not N*N
+        qs = b.op("Mul", qf, scale)  # scaling q: N*D products, not N*N
+        scores = b.op("MatMul", qs, b.transpose_last(kf, 4))
+        if shared_key:
+            shared = tuple(b.op("Cast", b.split_heads(t, attrs["num_heads"]), to=1) for t in (shared_key, shared_value))
+            scores = b.op("Concat", _per_group(b, qs, b.transpose_last(shared[0], 4)), scores, axis=-1)
         if bias:
             scores = b.op("Add", scores, b.op("Cast", bias, to=1))
     if attrs["causal"]:
@@ -109,38 +128,71 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
         probs = b.op("Softmax", scores, axis=-1)
     else:
         raise ValueError(f"unknown score_fn {attrs['score_fn']!r}")
+    values = JoinedValues(vf, *(shared[1:] if shared else ()))
     if attrs["score_fn"] == "softmax" and (bias or attrs["causal"]):
-        out = guarded_product(b, scores, probs, vf, attrs["masked_rows"])
+        out = guarded_product(b, scores, probs, values, attrs["masked_rows"])
     else:
-        out = b.op("MatMul", probs, vf)
+        out = values.product(b, probs)
     out = b.op("CastLike", out, v)
     b.merge_heads(out, outputs[0], attrs["num_heads"])
 
 
-def guarded_product(b: OnnxBuilder, scores: str, probs: str, values: str, masked_rows: str) -> str:
-    """probs @ values [.., Nk, Dv], where rows whose every score is -inf (NaN in softmax) give zeros, or the mean of
-    the values. A softmax row is NaN everywhere or nowhere (one NaN or -inf max spoils its sum), so the rows' first
-    weights tell: when none is NaN (the usual case) an If takes the plain product and skips the guard, a broadcast
-    Where over the output that costs onnxruntime more than the check. Each branch writes its own product, so
-    neither copies an outer tensor into the If's output. "none" checks nothing: the plain product."""
+def _per_group(b: OnnxBuilder, rows: str, shared: str) -> str:
+    """rows [B, ..] @ shared [Bs, ..], batch row b against shared[b // (B / Bs)]: rows viewed as [Bs, B / Bs, ..]
+    against shared [Bs, 1, ..], one broadcast MatMul that reads each shared set in place."""
+    grouped = b.op("Reshape", rows, b.op("Concat", b.op("Shape", shared, end=1), b.const([-1]),
+                                         b.op("Shape", rows, start=1), axis=0))
+    product = b.op("MatMul", grouped, b.unsqueeze(shared, [1]))
+    return b.op("Reshape", product, b.op("Concat", b.const([-1]), b.op("Shape", product, start=2), axis=0))
+
+
+class JoinedValues:
+    """The values a weight row multiplies: the row's own [B,H,Nk,Dv], after its group's shared set [Bs,H,R,Dv]
+    where there is one (the weights' first R columns are the shared keys')."""
+
+    def __init__(self, own: str, shared: str | None = None):
+        self.own, self.shared = own, shared
+
+    def product(self, b: OnnxBuilder, probs: str) -> str:
+        if self.shared is None:
+            return b.op("MatMul", probs, self.own)
+        sizes = b.op("Concat", *(b.op("Shape", t, start=2, end=3) for t in (self.shared, self.own)), axis=0)
+        first, rest = b.op("Split", probs, sizes, axis=-1, n_out=2)
+        return b.op("Add", _per_group(b, first, self.shared), b.op("MatMul", rest, self.own))
+
+    def mean(self, b: OnnxBuilder, probs: str) -> str:
+        """[B,H,1,Dv]: the mean of every value a row of `probs` [B,H,Nq,R+Nk] sees."""
+        if self.shared is None:
+            return b.reduce("ReduceMean", self.own, [-2])
+        one_row = b.op("Concat", b.op("Shape", probs, end=2), b.const([1]), b.op("Shape", probs, start=3), axis=0)
+        uniform = b.op("Reciprocal", b.op("Cast", b.op("Shape", probs, start=3), to=1))
+        return self.product(b, b.op("Expand", uniform, one_row))  # uniform weights over R + Nk keys
+
+
+def guarded_product(b: OnnxBuilder, scores: str, probs: str, values: JoinedValues, masked_rows: str) -> str:
+    """probs @ values, where rows whose every score is -inf (NaN in softmax) give zeros, or the mean of the values.
+    A softmax row is NaN everywhere or nowhere (one NaN or -inf max spoils its sum), so the rows' first weights
+    tell: when none is NaN (the usual case) an If takes the plain product and skips the guard, a broadcast Where
+    over the output that costs onnxruntime more than the check. Each branch writes its own product, so neither
+    copies an outer tensor into the If's output. "none" checks nothing: the plain product."""
     if masked_rows not in MASKED_ROWS:
         raise ValueError(f"unknown masked_rows {masked_rows!r}")
     if masked_rows == "none":
-        return b.op("MatMul", probs, values)
+        return values.product(b, probs)
 
     def first_weights():  # [.., Nq, 1]; sliced anew inside the If: an outer Slice read there makes onnxruntime's
         return b.op("Slice", probs, b.const([0]), b.const([1]), b.const([-1]))  # optimiser warn on every load
     suspect = b.op("IsNaN", b.op("ReduceSum", first_weights(), keepdims=0))
 
     def guarded():
-        out = b.op("MatMul", probs, values)
+        out = values.product(b, probs)
         if masked_rows == "zeros":
             return b.op("Where", b.op("IsNaN", first_weights()), b.const(0.0, np.float32), out)
         # only rows that are all -inf become the mean (NaN from the inputs stays NaN): the row max tells
         dead = b.op("Equal", b.reduce("ReduceMax", scores, [-1]), b.const(-np.inf, np.float32))  # [.., Nq, 1]
-        return b.op("Where", dead, b.reduce("ReduceMean", values, [-2]), out)
+        return b.op("Where", dead, values.mean(b, probs), out)
     return b.op("If", suspect, then_branch=b.branch(guarded), else_branch=b.branch(
-        lambda: b.op("MatMul", probs, values)))
+        lambda: values.product(b, probs)))
 
 
 CONTRACT = OpContract(
@@ -151,7 +203,11 @@ CONTRACT = OpContract(
         TensorSpec("query", 3, FLOATS, "[B, Nq, H*D]"),
         TensorSpec("key", 3, FLOATS, "[B, Nk, H*D]"),
         TensorSpec("value", 3, FLOATS, "[B, Nk, H*Dv]"),
-        TensorSpec("bias", 4, FLOATS, "[B or 1, H or 1, Nq or 1, Nk] additive; -inf masks a key", optional=True),
+        TensorSpec("bias", 4, FLOATS, "[B or 1, H or 1, Nq or 1, Nk] additive; -inf masks a key (R + Nk keys with "
+                   "shared ones)", optional=True),
+        TensorSpec("shared_key", 3, FLOATS, "[Bs, R, H*D]: keys each group of B / Bs batch rows sees first",
+                   optional=True),
+        TensorSpec("shared_value", 3, FLOATS, "[Bs, R, H*Dv]: their values", optional=True),
     ),
     outputs=(TensorSpec("output", 3, FLOATS, "[B, Nq, H*Dv]"),),
     attributes=(

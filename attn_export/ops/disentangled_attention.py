@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .contract import Attribute, OpContract, TensorSpec, shape_of_first_input, split_heads
-from .dense_attention import guarded_product, masked_row_weights
+from .dense_attention import JoinedValues, guarded_product, masked_row_weights
 from .onnx_builder import OnnxBuilder
 
 FLOATS = ("float32", "float16", "bfloat16")
@@ -116,7 +116,7 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
     if bias:
         scores = b.op("Add", scores, b.op("Cast", bias, to=1))
     probs = b.op("Softmax", scores, axis=-1)
-    out = guarded_product(b, scores, probs, v, attrs["masked_rows"]) if bias else b.op("MatMul", probs, v)
+    out = guarded_product(b, scores, probs, JoinedValues(v), attrs["masked_rows"]) if bias else b.op("MatMul", probs, v)
     b.merge_heads(b.op("CastLike", out, b.split_heads(query, heads)), outputs[0])
 
 

@@ -13,7 +13,7 @@ namespace contracts {
 inline constexpr char kPluginNamespace[] = "attn_export";
 // Fingerprint of the tables below (attn_export.plugin_contracts.contracts_digest()), recorded by engine
 // manifests.
-#define ATTN_EXPORT_CONTRACTS_DIGEST "6e459e61e43a568e"
+#define ATTN_EXPORT_CONTRACTS_DIGEST "8201037071fda77d"
 inline constexpr char kContractsDigest[] = ATTN_EXPORT_CONTRACTS_DIGEST;
 
 // BlockSparseAttention v1: attn_export/ops/block_sparse_attention.py
@@ -59,9 +59,11 @@ inline constexpr InputSpec kInputs[] = {
     {"key", 3, TensorKind::kFloating, false},
     {"value", 3, TensorKind::kFloating, false},
     {"bias", 4, TensorKind::kFloating, true},
+    {"shared_key", 3, TensorKind::kFloating, true},
+    {"shared_value", 3, TensorKind::kFloating, true},
 };
 inline constexpr DimSource kOutputDims[] = {{0, 0, 0}, {0, 1, 0}, {2, 2, 0}};
-inline constexpr OpSpec kSpec{kName, kVersion, kPluginNamespace, kFields, 6, kInputs, 4, 3, kOutputDims, 3};
+inline constexpr OpSpec kSpec{kName, kVersion, kPluginNamespace, kFields, 6, kInputs, 6, 3, kOutputDims, 3};
 }  // namespace dense_attention
 
 // DisentangledAttention v1: attn_export/ops/disentangled_attention.py
