@@ -157,6 +157,29 @@ def test_dense_attention_broadcast_masks_and_masked_rows(case, dtype):
             torch.testing.assert_close(batch0, mean.expand_as(batch0), atol=TOLERANCE[dtype], rtol=0)
 
 
+SHARED_KEYS = [  # batch, shared batch, heads, q_len, own keys, shared keys, head_dim, causal, bias form, masked_rows
+    (6, 2, 2, 32, 64, 16, 64, 0, "padding", "zeros"),  # Transformer-LS: 3 segments per sequence, 16 landmarks
+    (4, 1, 4, 50, 50, 30, 32, 1, "heads", "mean"),  # the tile boundary falls inside the shared set
+    (3, 3, 2, 40, 20, 70, 48, 0, "query", "mean"),  # CUDA-core path; one set per batch row
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", SHARED_KEYS, ids=str)
+def test_dense_attention_shared_keys_match_the_copied_keys(case, dtype):
+    """Keys every group of batch rows shares, read in place, give what the same keys copied ahead of each row's
+    own give: against the reference, and against the kernel run on the copies."""
+    b, bs, h, nq, nk, r, d, causal, form, masked_rows = case
+    q, k, v = rand(b, nq, h * d, dtype=dtype), rand(b, nk, h * d, dtype=dtype), rand(b, nk, h * d, dtype=dtype)
+    sk, sv = rand(bs, r, h * d, dtype=dtype), rand(bs, r, h * d, dtype=dtype)
+    bias = masked_bias(form, b, h, nq, r + nk).to(dtype)
+    attrs = {"num_heads": h, "causal": causal, "masked_rows": masked_rows}
+    out = check("DenseAttention", (q, k, v, bias, sk, sv), attrs, dtype)
+    copied = [torch.cat([s.repeat_interleave(b // bs, 0), t], 1) for s, t in ((sk, k), (sv, v))]
+    expected = cuda_ops.run_op("DenseAttention", q, *copied, bias, **attrs)
+    torch.testing.assert_close(out.float(), expected.float(), atol=TOLERANCE[dtype] / 10, rtol=0)
+
+
 @pytest.mark.parametrize("d", [64, 48])
 def test_finite_fill_rows_are_uniform_as_in_the_reference(d):
     """An additive finfo(float32).min mask (BERT's) is finite: a batch row with every key masked is the mean of

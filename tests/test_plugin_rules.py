@@ -374,6 +374,24 @@ def test_new_optional_inputs_and_fields_reach_the_params(harness):
     assert "error" not in padding and padding["params"]["bias_rows"] == 1
 
 
+def test_dense_shared_keys_reach_the_params(harness):
+    """shared_key/shared_value [Bs, R, ..]: accepted after a bias that counts R + Nk keys, the params carry their
+    batch and length, the output is the reference's; a lone shared key, a batch that does not divide, a width
+    that differs or a bias over the own keys only are refused."""
+    shapes = [(6, 5, 16), (6, 7, 16), (6, 7, 12), (1, 1, 1, 10), (2, 3, 16), (2, 3, 12)]
+    result = harness("DenseAttention", {"num_heads": "int32:2"}, shapes)
+    assert "error" not in result, result.get("error")
+    params = result["params"]
+    assert (params["shared_batch"], params["shared_len"], params["kv_len"]) == (2, 3, 7)
+    assert tuple(int(d) for d in result["output"].split("x")) == _reference_output_shape(
+        "DenseAttention", dict(num_heads=2), shapes) == (6, 5, 12)
+    for bad, message in ((shapes[:5], "shared_key needs shared_value"),
+                         ([*shapes[:4], (4, 3, 16), (4, 3, 12)], "batch that divides"),
+                         ([*shapes[:5], (2, 3, 8)], "input 'shared_value'"),
+                         ([*shapes[:3], (1, 1, 1, 7), *shapes[4:]], "(the shared keys, then the own)")):
+        assert message in harness("DenseAttention", {"num_heads": "int32:2"}, bad).get("error", ""), message
+
+
 def test_kernelized_stabilizer_reaches_the_params(harness):
     """stabilizer projection (performer-pytorch's shift) arrives as its STABILIZERS code; logits is the default."""
     shapes = [(2, 9, 16), (2, 9, 16), (2, 9, 20), (6, 8)]

@@ -47,6 +47,13 @@ struct AttentionProblem {
   int64_t q_stride, k_stride, v_stride, o_stride;  // elements between consecutive tokens
   int64_t q_batch, k_batch, v_batch, o_batch;      // elements between consecutive batch rows
   int batch0;  // first batch row of this launch (grid.z holds at most 65535: the launchers slice the batch)
+  // A key set that each group of shared_group consecutive batch rows sees ahead of its own keys (DenseAttention's
+  // shared_key; add_shared_keys): key j < shared_len is row j of set b / shared_group, key j >= shared_len the
+  // row's own key j - shared_len, and kv_len counts both. None: shared_len 0.
+  const void* k_shared;
+  const void* v_shared;
+  int shared_len, shared_group;
+  int64_t ks_batch, vs_batch;
 };
 
 inline AttentionProblem make_problem(const void* q, const void* k, const void* v, void* out, int heads, int q_len,
@@ -58,7 +65,35 @@ inline AttentionProblem make_problem(const void* q, const void* k, const void* v
   p.v_stride = p.o_stride = static_cast<int64_t>(heads) * v_head_dim;
   p.q_batch = p.q_stride * q_len, p.o_batch = p.o_stride * q_len;
   p.k_batch = p.k_stride * kv_len, p.v_batch = p.v_stride * kv_len;
+  p.shared_group = 1;
   return p;
+}
+
+// `rows` keys and values [batch / group, rows, heads * dim] that each group of `group` batch rows sees first.
+inline void add_shared_keys(AttentionProblem& p, const void* k, const void* v, int rows, int group) {
+  p.k_shared = k, p.v_shared = v, p.shared_len = rows, p.shared_group = group;
+  p.ks_batch = p.k_stride * rows, p.vs_batch = p.v_stride * rows;
+  p.kv_len += rows;
+}
+
+// The key (or value) rows of one batch row and head: rows [0, shared_len) of its group's shared set, then its own.
+template <typename T>
+struct KeyRows {
+  const T* shared;
+  const T* own;
+  int64_t stride;  // elements between consecutive tokens
+  int shared_len;
+  __device__ __forceinline__ const T* row(int j) const {
+    return j < shared_len ? shared + j * stride : own + (j - shared_len) * stride;
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ KeyRows<T> key_rows(const AttentionProblem& pr, const void* own, int64_t own_batch,
+                                               const void* shared, int64_t shared_batch, int64_t stride, int b,
+                                               int column) {
+  const T* s = pr.shared_len ? static_cast<const T*>(shared) + (b / pr.shared_group) * shared_batch + column : nullptr;
+  return {s, static_cast<const T*>(own) + b * own_batch + column, stride, pr.shared_len};
 }
 
 // ================================================================================================================
@@ -87,6 +122,17 @@ __device__ __forceinline__ void load_rows_async(T* s, int ld, const T* g, int64_
   }
 }
 
+// keys (or values) row0 .. row0 + ROWS - 1 of `g` into s, as above.
+template <typename T, int ROWS, int D, int THREADS>
+__device__ __forceinline__ void load_rows_async(T* s, int ld, const KeyRows<T>& g, int row0, int len) {
+  constexpr int CHUNKS_PER_ROW = D / 8;
+  for (int c = threadIdx.x; c < ROWS * CHUNKS_PER_ROW; c += THREADS) {
+    const int r = c / CHUNKS_PER_ROW, col = (c % CHUNKS_PER_ROW) * 8;
+    const bool ok = row0 + r < len;
+    cp_async_16(s + r * ld + col, ok ? g.row(row0 + r) + col : g.own, ok);
+  }
+}
+
 template <typename T, int D, int WARPS, int BK, class Policy>
 __global__ void __launch_bounds__(WARPS * 32) tc_attention_kernel(const AttentionProblem pr, const Policy pol) {
   using Cfg = TcConfig<T, D, WARPS, BK>;
@@ -104,15 +150,16 @@ __global__ void __launch_bounds__(WARPS * 32) tc_attention_kernel(const Attentio
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int b = blockIdx.z + pr.batch0, h = blockIdx.y, q0 = blockIdx.x * BQ;
   const T* qg = kQK ? static_cast<const T*>(pr.q) + b * pr.q_batch + h * D : nullptr;
-  const T* kg = kQK ? static_cast<const T*>(pr.k) + b * pr.k_batch + h * D : nullptr;
-  const T* vg = static_cast<const T*>(pr.v) + b * pr.v_batch + h * D;
+  KeyRows<T> kg{};
+  if constexpr (kQK) kg = key_rows<T>(pr, pr.k, pr.k_batch, pr.k_shared, pr.ks_batch, pr.k_stride, b, h * D);
+  const KeyRows<T> vg = key_rows<T>(pr, pr.v, pr.v_batch, pr.v_shared, pr.vs_batch, pr.v_stride, b, h * D);
 
   if constexpr (kQK) load_rows_async<T, BQ, D, THREADS>(sQ, LD, qg, pr.q_stride, q0, pr.q_len);
   const int n_tiles = pol.prepare(scratch, b, h, q0);
   if (n_tiles > 0) {
     const int k0 = pol.tile_start(scratch, 0);
-    if constexpr (kQK) load_rows_async<T, BK, D, THREADS>(sK, LD, kg, pr.k_stride, k0, pr.kv_len);
-    load_rows_async<T, BK, D, THREADS>(sV, LD, vg, pr.v_stride, k0, pr.kv_len);
+    if constexpr (kQK) load_rows_async<T, BK, D, THREADS>(sK, LD, kg, k0, pr.kv_len);
+    load_rows_async<T, BK, D, THREADS>(sV, LD, vg, k0, pr.kv_len);
   }
   cp_async_commit();
 
@@ -135,8 +182,8 @@ __global__ void __launch_bounds__(WARPS * 32) tc_attention_kernel(const Attentio
       const int k1 = pol.tile_start(scratch, it + 1);
       T* nK = sK + ((it + 1) & 1) * BK * LD;
       T* nV = sV + ((it + 1) & 1) * BK * LD;
-      if constexpr (kQK) load_rows_async<T, BK, D, THREADS>(nK, LD, kg, pr.k_stride, k1, pr.kv_len);
-      load_rows_async<T, BK, D, THREADS>(nV, LD, vg, pr.v_stride, k1, pr.kv_len);
+      if constexpr (kQK) load_rows_async<T, BK, D, THREADS>(nK, LD, kg, k1, pr.kv_len);
+      load_rows_async<T, BK, D, THREADS>(nV, LD, vg, k1, pr.kv_len);
     }
     cp_async_commit();
     const T* cK = sK + (it & 1) * BK * LD;
@@ -285,7 +332,8 @@ template <typename T>
 inline bool tc_attention_applies(const AttentionProblem& pr) {
   if (sizeof(T) != 2 || pr.head_dim != pr.v_head_dim) return false;
   if (pr.head_dim != 32 && pr.head_dim != 64 && pr.head_dim != 128) return false;
-  return aligned16(pr.q) && aligned16(pr.k) && aligned16(pr.v) && aligned16(pr.out);
+  return aligned16(pr.q) && aligned16(pr.k) && aligned16(pr.v) && aligned16(pr.out) && aligned16(pr.k_shared) &&
+         aligned16(pr.v_shared);
 }
 
 // ================================================================================================================
@@ -317,8 +365,9 @@ __global__ void __launch_bounds__(128, 4)  // 4 blocks/SM: also steers ptxas awa
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int b = blockIdx.z + pr.batch0, h = blockIdx.y, q0 = blockIdx.x * rows_per_block;
   const T* qg = kQK ? static_cast<const T*>(pr.q) + b * pr.q_batch + h * dk : nullptr;
-  const T* kg = kQK ? static_cast<const T*>(pr.k) + b * pr.k_batch + h * dk : nullptr;
-  const T* vg = static_cast<const T*>(pr.v) + b * pr.v_batch + h * dv;
+  KeyRows<T> kg{};
+  if constexpr (kQK) kg = key_rows<T>(pr, pr.k, pr.k_batch, pr.k_shared, pr.ks_batch, pr.k_stride, b, h * dk);
+  const KeyRows<T> vg = key_rows<T>(pr, pr.v, pr.v_batch, pr.v_shared, pr.vs_batch, pr.v_stride, b, h * dv);
 
   if constexpr (kQK) {
     for (int x = threadIdx.x; x < kSimtRows * dk; x += blockDim.x) {
@@ -345,13 +394,13 @@ __global__ void __launch_bounds__(128, 4)  // 4 blocks/SM: also steers ptxas awa
       for (int x = threadIdx.x; x < kSimtKeys * dk; x += blockDim.x) {
         const int j = x / dk, d = x % dk;
         const bool ok = j < kt && k0 + j < pr.kv_len;
-        sK[j * (dk + 1) + d] = ok ? to_float(kg[(k0 + j) * pr.k_stride + d]) : 0.f;
+        sK[j * (dk + 1) + d] = ok ? to_float(kg.row(k0 + j)[d]) : 0.f;
       }
     }
     for (int x = threadIdx.x; x < kSimtKeys * DMAX; x += blockDim.x) {
       const int j = x / DMAX, d = x % DMAX;
       const bool ok = j < kt && k0 + j < pr.kv_len && d < dv;
-      sV[x] = ok ? to_float(vg[(k0 + j) * pr.v_stride + d]) : 0.f;
+      sV[x] = ok ? to_float(vg.row(k0 + j)[d]) : 0.f;
     }
     __syncthreads();
 

@@ -71,11 +71,15 @@ struct DenseAttentionParams {
   const void* query;           // [batch, q_len, num_heads * head_dim] (not read with logits_input)
   const void* key;             // [batch, kv_len, num_heads * head_dim] (not read with logits_input)
   const void* value;           // [batch, kv_len, num_heads * v_head_dim]
-  const void* bias;            // [bias_batch, bias_heads, bias_rows, kv_len] or nullptr; -inf masks a key
+  const void* bias;            // [bias_batch, bias_heads, bias_rows, shared_len + kv_len] or nullptr; -inf masks a key
+  const void* shared_key;      // [shared_batch, shared_len, num_heads * head_dim] or nullptr: batch row b sees set
+  const void* shared_value;    // b / (batch / shared_batch) ahead of its own keys; [.., num_heads * v_head_dim]
   void* output;                // [batch, q_len, num_heads * v_head_dim]
   int32_t batch;
   int32_t q_len;
-  int32_t kv_len;
+  int32_t kv_len;              // the row's own keys (key, value)
+  int32_t shared_batch;        // divides batch (ignored without shared keys)
+  int32_t shared_len;          // 0 without shared keys
   int32_t head_dim;            // ignored with logits_input
   int32_t v_head_dim;
   int32_t bias_batch;          // 1 or batch (ignored without bias)
@@ -83,7 +87,7 @@ struct DenseAttentionParams {
   int32_t bias_rows;           // 1 or q_len (ignored without bias); must be q_len with logits_input
   int32_t num_heads;
   float scale;                 // 0 means 1/sqrt(head_dim); ignored with logits_input
-  int32_t causal;              // 1: query i sees keys j <= i + kv_len - q_len
+  int32_t causal;              // 1: query i sees keys j <= i + shared_len + kv_len - q_len
   int32_t score_fn;            // enum ScoreFn
   int32_t logits_input;        // 1: bias (required) holds the logits
   int32_t masked_rows;         // enum MaskedRows

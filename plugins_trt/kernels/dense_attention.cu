@@ -5,6 +5,8 @@
 // score_fn and logits_input are template arguments of the policy, so the softmax path compiles as before.
 // The bias is read through broadcast strides (index_math.h), so [B, 1, 1, Nk] padding masks need no expansion.
 // masked_rows kNone: a row with no visible key is NaN (0/0), unchecked, as a plain softmax makes it.
+// Shared keys (shared_key, shared_value) lead each row's keys: the core reads them in place from the row's group's
+// set, so the policy sees one key axis of shared_len + kv_len keys, as the bias does.
 // masked_rows kMean: a masked score (-inf from the bias or the causal mask) becomes kMaskedLogit, a finite floor, so
 // a row with no visible key averages every key uniformly while any visible key outweighs the floor by exp2(1e30).
 #include "attention_core.cuh"
@@ -52,15 +54,16 @@ template <typename T, bool RELU_SQUARED, bool LOGITS>
 cudaError_t run_with(const DenseAttentionParams& p, cudaStream_t stream) {
   // Without QK the problem's head dim is the value's, which picks the tensor-core tile; q and k stay unread.
   const int head_dim = LOGITS ? p.v_head_dim : p.head_dim;
-  const AttentionProblem pr = make_problem(LOGITS ? nullptr : p.query, LOGITS ? nullptr : p.key, p.value, p.output,
-                                           p.num_heads, p.q_len, p.kv_len, head_dim, p.v_head_dim);
+  AttentionProblem pr = make_problem(LOGITS ? nullptr : p.query, LOGITS ? nullptr : p.key, p.value, p.output,
+                                     p.num_heads, p.q_len, p.kv_len, head_dim, p.v_head_dim);
+  if (p.shared_key) add_shared_keys(pr, p.shared_key, p.shared_value, p.shared_len, p.batch / p.shared_batch);
   using Policy = DensePolicy<T, RELU_SQUARED, LOGITS>;
   Policy pol{};
   pol.bias = static_cast<const T*>(p.bias);
-  pol.bias_strides = bias_strides(p.bias_batch, p.bias_heads, p.bias_rows, p.kv_len);
+  pol.bias_strides = bias_strides(p.bias_batch, p.bias_heads, p.bias_rows, pr.kv_len);
   pol.masked_mean = !RELU_SQUARED && p.masked_rows == static_cast<int32_t>(MaskedRows::kMean);
   pol.empty_row = p.masked_rows == static_cast<int32_t>(MaskedRows::kNone) ? NAN : 0.f;
-  pol.q_len = p.q_len, pol.kv_len = p.kv_len, pol.causal = p.causal != 0, pol.diagonal = p.kv_len - p.q_len;
+  pol.q_len = p.q_len, pol.kv_len = pr.kv_len, pol.causal = p.causal != 0, pol.diagonal = pr.kv_len - p.q_len;
   if (!LOGITS) {
     const float scale = p.scale != 0.f ? p.scale : 1.f / std::sqrt(static_cast<float>(p.head_dim));
     pol.scale_units = scale * Policy::kUnits;
@@ -103,7 +106,12 @@ cudaError_t launch_dense_attention(const DenseAttentionParams& p, DataType dtype
   if (p.bias && ((p.bias_batch != 1 && p.bias_batch != p.batch) || (p.bias_heads != 1 && p.bias_heads != p.num_heads) ||
                  (p.bias_rows != 1 && p.bias_rows != p.q_len) || (p.logits_input && p.bias_rows != p.q_len)))
     return cudaErrorInvalidValue;
-  if (p.masked_rows < static_cast<int32_t>(MaskedRows::kZeros) || p.masked_rows > static_cast<int32_t>(MaskedRows::kNone))
+  if (p.masked_rows < static_cast<int32_t>(MaskedRows::kZeros) ||
+      p.masked_rows > static_cast<int32_t>(MaskedRows::kNone))
+    return cudaErrorInvalidValue;
+  if (!p.shared_key != !p.shared_value) return cudaErrorInvalidValue;
+  if (p.shared_key && (p.logits_input || p.shared_len < 0 || p.shared_batch <= 0 || p.batch % p.shared_batch != 0 ||
+                       int64_t{p.kv_len} + p.shared_len > INT32_MAX))
     return cudaErrorInvalidValue;
   if (p.q_len == 0) return cudaSuccess;
   return detail::dispatch_dtype(dtype, [&](auto t) { return detail::run<decltype(t)>(p, stream); });

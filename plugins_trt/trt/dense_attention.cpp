@@ -29,6 +29,7 @@ Status DenseAttentionOp::makeParams(FieldValues const& f, TensorShape const* in,
   TensorShape const& k = in[1];
   TensorShape const& v = in[2];
   bool const hasBias = nbInputs > 3;
+  bool const hasShared = nbInputs > 4;
   bool const logits = f.getInt(c::kLogitsInput) != 0;
   p = Params{};
   p.num_heads = f.getInt(c::kNumHeads);
@@ -47,6 +48,12 @@ Status DenseAttentionOp::makeParams(FieldValues const& f, TensorShape const* in,
   p.bias_batch = hasBias ? extent(in[3].d[0]) : 1;
   p.bias_heads = hasBias ? extent(in[3].d[1]) : 1;
   p.bias_rows = hasBias ? extent(in[3].d[2]) : 1;
+  p.shared_batch = hasShared ? extent(in[4].d[0]) : 1;
+  p.shared_len = hasShared ? extent(in[4].d[1]) : 0;
+  int64_t const keys = int64_t{p.shared_len} + p.kv_len;  // what a row sees: shared keys first, then its own
+  if (nbInputs == 5) return Status::error("shared_key needs shared_value");
+  if (hasShared && logits) return Status::error("shared keys do not go with logits_input=1");
+  if (keys > INT32_MAX) return Status::error("more keys than the kernels' int32 range");
 
   if (logits) {
     if (p.num_heads < 1 || v.d[2] % p.num_heads != 0) {
@@ -70,17 +77,30 @@ Status DenseAttentionOp::makeParams(FieldValues const& f, TensorShape const* in,
       return Status::error(describeInput(spec(), in, 2) + " must match the key " + shapeString(k) +
                            " in batch and length");
     }
+    if (hasShared) {
+      TensorShape const& sk = in[4];
+      TensorShape const& sv = in[5];
+      if (sk.d[0] < 1 || q.d[0] % sk.d[0] != 0 || sk.d[2] != q.d[2]) {
+        return Status::error(describeInput(spec(), in, 4) + " must have a batch that divides the query's " +
+                             shapeString(q) + " and its width");
+      }
+      if (sv.d[0] != sk.d[0] || sv.d[1] != sk.d[1] || sv.d[2] != v.d[2]) {
+        return Status::error(describeInput(spec(), in, 5) + " must match the shared key " + shapeString(sk) +
+                             " in batch and length, and the value " + shapeString(v) + " in width");
+      }
+    }
   }
   if (hasBias) {
     TensorShape const& bias = in[3];
     // a padding mask is [B, 1, 1, Nk]: batch, heads and (except for logits) query rows broadcast
     bool const rowsOk = bias.d[2] == q.d[1] || (!logits && bias.d[2] == 1);
     bool const ok = (bias.d[0] == 1 || bias.d[0] == q.d[0]) && (bias.d[1] == 1 || bias.d[1] == p.num_heads) &&
-                    rowsOk && bias.d[3] == p.kv_len;
+                    rowsOk && bias.d[3] == keys;
     if (!ok) {
       return Status::error(describeInput(spec(), in, 3) + " must be [1 or " + std::to_string(q.d[0]) + ", 1 or " +
                            std::to_string(p.num_heads) + ", " + (logits ? "" : "1 or ") + std::to_string(q.d[1]) +
-                           ", " + std::to_string(p.kv_len) + "]" + (logits ? " (the logits)" : ""));
+                           ", " + std::to_string(keys) + "]" +
+                           (logits ? " (the logits)" : hasShared ? " (the shared keys, then the own)" : ""));
     }
   }
   return Status();
@@ -91,6 +111,8 @@ void DenseAttentionOp::bind(Params& p, void const* const* inputs, int32_t nbInpu
   p.key = inputs[1];
   p.value = inputs[2];
   p.bias = nbInputs > 3 ? inputs[3] : nullptr;
+  p.shared_key = nbInputs > 5 ? inputs[4] : nullptr;
+  p.shared_value = nbInputs > 5 ? inputs[5] : nullptr;
   p.output = output;
 }
 
