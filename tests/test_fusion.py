@@ -271,12 +271,17 @@ def test_chunked_materialised_and_two_part_layers_fuse_with_parity(name, exporte
         assert all(layer.attributes["feature_map"] == "identity" and layer.attributes["normalize"] == 0
                    for layer in report.parts if layer.op == "KernelizedAttention")
     assert not [n for n in fused.graph.node if name == "flash" and n.op_type == "Relu"]
-    if name == "transformer-ls":  # landmarks and window tiles joined by one Gather, the landmarks not copied first
+    if name == "transformer-ls":  # the landmarks go in as the shared keys, read in place; the own keys are tiles
         producer = {o: n for n in fused.graph.node for o in n.output}
+
+        def source(tensor):  # the first node before `tensor` that is not a Reshape
+            while producer[tensor].op_type == "Reshape":
+                tensor = producer[tensor].input[0]
+            return producer[tensor].op_type
         for node in (n for n in fused.graph.node if n.op_type == "DenseAttention"):
-            joined = [producer[producer[kv].input[0]] for kv in node.input[1:3]]  # through the merge Reshape
-            assert [n.op_type for n in joined] == ["Gather", "Gather"]
-            assert not {producer[i].op_type for n in joined for i in n.input if i in producer} & {"Expand"}
+            assert len(node.input) == 6
+            assert [source(t) for t in node.input[1:3]] == ["Gather", "Gather"]
+            assert not {"Gather", "Expand", "Tile", "Concat"} & {source(t) for t in node.input[4:]}
     # Transformer-LS keeps its dynamic projection: a softmax over the tokens that makes the landmarks, not attention
     softmaxes = [n for n in fused.graph.node if n.op_type == "Softmax"]
     assert len(softmaxes) == (module.config.num_layers if name == "transformer-ls" else 0)

@@ -10,10 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 
 from .framework import NotFused, Rewrite, unsqueeze_to_rank
-from .graph import GraphIndex
 from .probe import Probe
 
 
@@ -98,17 +96,15 @@ class ChunkLayout:
         expected = self.out_of_op(probe, op_output, output, like=q, name=name, rewrite=rewrite)
         return [t[0] for t in layouts], [t[1] for t in layouts], op_output, expected
 
-    def concatenated_into_op(self, index: GraphIndex, probe: Probe, parts: list[str], like: str, name: str,
-                             rewrite: Rewrite):
+    def concatenated_into_op(self, probe: Probe, parts: list[str], like: str, name: str, rewrite: Rewrite):
         """Per-head [.., rows_i, D] tensors joined on the row axis, straight into the op's [B', sum rows_i, H*D].
-        Where the parts are sets shared by every chunk and tiles gathered from one tensor (Transformer-LS's
-        landmarks and window keys), one Gather writes the joined tiles (`_gathered_join`). Otherwise each part is
-        transposed first and expanded to the batch axes of `like` (a set shared by every chunk has 1 there; one
-        whose batch axes are `like`'s by the exporter's symbolic shapes is not copied), so the joined tensor is
-        written once, already in the op's layout. Returns (op input name, its name again:
-        the caller evaluates the rewrite to read its value)."""
-        if self._gathered_join(index, probe, parts, name, rewrite):
-            return name, name
+        Each part is transposed first and expanded to the batch axes of `like` (one whose batch axes are `like`'s
+        by the exporter's symbolic shapes is not copied), so the joined tensor is written once, already in the op's
+        layout. A single part is just laid out. Returns (op input name, its name again: the caller evaluates the
+        rewrite to read its value)."""
+        if len(parts) == 1:
+            laid_out = self.into_op(probe, parts[0], name, rewrite)[0]
+            return laid_out, laid_out
         rows, features = self.rank - 2, self.rank - 1
         perm = self._perm(rows, features)
         batch = self._batch_sizes(like, f"{name}_batch", rewrite)
@@ -132,66 +128,27 @@ class ChunkLayout:
             [-1, total_rows, width], np.int64))], name, name=f"{name}_merge")
         return name, name
 
-    def _gathered_join(self, index: GraphIndex, probe: Probe, parts: list[str], name: str, rewrite: Rewrite) -> bool:
-        """Chunked parts [.., G, rows_i, D] (heads folded into the batch) that are each either shared by every chunk
-        (G = 1) or tiles gathered from a tensor without the chunk axis (Gather on the chunk axis, [G * rows_i] or
-        [G, rows_i] indices), at most one of them gathered: writes `name` as ONE Gather from the sources joined
-        on the rows axis, with the tile table [shared rows | gathered rows + offset]. The reference reads the shared
-        set with a broadcast MatMul; expanding it to every chunk and concatenating would write it G times more.
-        Returns False (nothing written) for any other form."""
-        chunk, rows = self.rank - 3, self.rank - 2
-        if self.head is not None or self.batch != tuple(range(chunk + 1)):
+    def shared_by_every_chunk(self, probe: Probe, part: str, like: str) -> bool:
+        """`part` [.., 1, rows, D] is one set that every chunk of `like` [.., G, C, D] sees (Transformer-LS's
+        landmarks): heads fold into the batch, the part's chunk axis is 1 at every probe while `like`'s is not
+        (else nothing tells a shared set from a per-chunk one), and its leading axes are `like`'s, so op batch row
+        b' sees set b' // G, the op's shared_key form."""
+        chunk = self.rank - 3
+        if chunk < 1 or self.head is not None or self.batch != tuple(range(chunk + 1)):
             return False
-        shared, gathered = [], []
-        for part in parts:
-            if all(probe.shape(part, run)[chunk] == 1 for run in range(len(probe.runs))):
-                shared.append(part)
-            elif (tiles := _tiles(index, probe, part, chunk)) is not None:
-                gathered.append((part, *tiles))
-            else:
-                return False
-        if len(gathered) != 1:
-            return False
-        part, source, indices = gathered[0]
-        if all(probe.shape(part, run)[chunk] == 1 for run in range(len(probe.runs))):
-            return False  # one chunk at every probe: nothing tells a shared set from a per-chunk one
-        lead = [tuple(probe.shape(source, run)[:chunk]) for run in range(len(probe.runs))]
-        if any([tuple(probe.shape(p, run)[:chunk]) for run in range(len(probe.runs))] != lead for p in shared):
-            return False  # a shared set broadcast over the batch or heads: the plain join expands it
-        sources, table, offset = [], [], 0
-        tile_rows = probe.shape(part)[rows]
-        tiles = rewrite.node("Reshape", [indices, rewrite.constant(f"{name}_tiles_shape", np.array(
-            [-1, tile_rows], np.int64))], f"{name}_tiles", name=f"{name}_tiles")
-        chunks = rewrite.node("Shape", [tiles], f"{name}_chunks", name=f"{name}_chunks", start=0, end=1)
-        for i, p in enumerate(shared):  # rows offset .. offset + rows_i of the joined source, in every chunk
-            n = probe.shape(p)[rows]
-            axis = rewrite.constant(f"{name}{i}_axis", np.array([chunk], np.int64))
-            sources.append(rewrite.node("Squeeze", [p, axis], f"{name}{i}_set", name=f"{name}{i}_squeeze"))
-            size = rewrite.node("Concat", [chunks, rewrite.constant(f"{name}{i}_rows", np.array([n], np.int64))],
-                                f"{name}{i}_table_size", name=f"{name}{i}_table_size", axis=0)
-            table.append(rewrite.node("Expand", [rewrite.constant(f"{name}{i}_range", np.arange(
-                offset, offset + n, dtype=np.int64)[None]), size], f"{name}{i}_table", name=f"{name}{i}_table"))
-            offset += n
-        sources.append(source)
-        # Gather reads an index i < 0 as i + M: made explicit before the offset is added
-        source_rows = rewrite.node("Shape", [source], f"{name}_source_rows", name=f"{name}_source_rows",
-                                   start=chunk, end=chunk + 1)
-        tiles = rewrite.node("Mod", [rewrite.node("Cast", [tiles], f"{name}_tiles64", name=f"{name}_tiles64",
-                                                  to=onnx.TensorProto.INT64), source_rows],
-                             f"{name}_tiles_wrapped", name=f"{name}_tiles_wrapped")
-        shift = rewrite.constant(f"{name}_tiles_offset", np.array(offset, np.int64))
-        table.append(rewrite.node("Add", [tiles, shift], f"{name}_tiles_table", name=f"{name}_tiles_table"))
-        # order of the joined rows: the parts' order (the shared sets come first in the source, not in the rows)
-        order = [table[shared.index(p)] if p in shared else table[-1] for p in parts]
-        joined = rewrite.node("Concat", sources, f"{name}_source", name=f"{name}_source", axis=chunk)
-        table_all = rewrite.node("Concat", order, f"{name}_table", name=f"{name}_table", axis=1)
-        gathered_rows = rewrite.node("Gather", [joined, table_all], f"{name}_joined", name=f"{name}_gather",
-                                     axis=chunk)
-        width = probe.shape(parts[0])[-1]
+        shapes = [(probe.shape(part, run), probe.shape(like, run)) for run in range(len(probe.runs))]
+        return (all(len(p) == self.rank and p[chunk] == 1 and p[:chunk] == q[:chunk] for p, q in shapes)
+                and any(q[chunk] != 1 for _, q in shapes))
+
+    def shared_into_op(self, probe: Probe, parts: list[str], name: str, rewrite: Rewrite) -> str:
+        """Sets shared by every chunk ([.., 1, rows_i, D], see shared_by_every_chunk) joined on the row axis as the
+        op's [B' / G, sum rows_i, D]: read in place, one row per set rather than one per chunk."""
+        rows = self.rank - 2
+        joined = parts[0] if len(parts) == 1 else rewrite.node("Concat", parts, f"{name}_joined",
+                                                               name=f"{name}_concat", axis=rows)
         total = sum(probe.shape(p)[rows] for p in parts)
-        rewrite.node("Reshape", [gathered_rows, rewrite.constant(f"{name}_shape", np.array(
-            [-1, total, width], np.int64))], name, name=f"{name}_merge")
-        return True
+        return rewrite.node("Reshape", [joined, rewrite.constant(f"{name}_shape", np.array(
+            [-1, total, probe.shape(parts[0])[-1]], np.int64))], name, name=f"{name}_merge")
 
     def out_of_op(self, probe: Probe, op_output: str, per_head_output: str, like: str, name: str, rewrite: Rewrite):
         """Nodes taking the op's [B', rows, H*Dv] back to the graph's per-head `per_head_output`; the batch axes'
@@ -260,27 +217,6 @@ class ChunkLayout:
                 v = np.broadcast_to(v, [like_shape[a] if a in self.batch else v.shape[a] for a in range(self.rank)])
             return np.ascontiguousarray(v.transpose(perm).reshape(-1, head_size, *v.shape[-2:]))
         return op_bias, value
-
-
-def _tiles(index: GraphIndex, probe: Probe, part: str, chunk: int) -> tuple[str, str] | None:
-    """(source, indices) when `part` [.., G, rows, D] is Gather(source [.., M, D], indices, axis=chunk), the indices
-    [G, rows], or [G * rows] reshaped to [.., G, rows, D] after the Gather."""
-    node = index.producer.get(part)
-    if node is not None and node.op_type == "Reshape":
-        node = index.producer.get(node.input[0])
-    if node is None or node.op_type != "Gather":
-        return None
-    source, indices = node.input[0], node.input[1]
-    source_rank = len(probe.shape(source) or ())
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % max(source_rank, 1)
-    if source_rank != len(probe.shape(part)) - 1 or axis != chunk:
-        return None
-    for run in range(len(probe.runs)):
-        shape, src, ind = probe.shape(part, run), probe.shape(source, run), probe.runs[run][indices]
-        if (src[:chunk] != shape[:chunk] or src[chunk + 1:] != shape[chunk + 2:]
-                or ind.size != shape[chunk] * shape[chunk + 1] or ind.ndim not in (1, 2)):
-            return None
-    return source, indices
 
 
 def _transposed(tensor: str, out: str, perm: list[int], name: str, rewrite: Rewrite) -> str:

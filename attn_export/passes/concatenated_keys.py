@@ -4,9 +4,10 @@ Transformer-LS scores each segment's queries against the projected landmarks and
 the two score blocks on the key axis, takes one softmax, and splits the weights again for the two value products:
     P = softmax([s Q K1^T + b1 | s Q K2^T + b2]),   out = P[..., :n1] V1 + P[..., n1:] V2
 That is one attention over keys [K1; K2] and values [V1; V2] with bias [b1 | b2]. The rewrite builds those
-concatenations in the graph (a key set shared by every chunk, like the landmarks [B, H, 1, r, D], is expanded over
-the chunks) and hands them, chunks folded into the batch, to DenseAttention; the numerical check decides. A block
-with no bias (the landmarks) leaves every row a visible key, so the op checks no row (masked_rows "none").
+concatenations in the graph and hands them, chunks folded into the batch, to DenseAttention; a key set every chunk
+shares (the landmarks [B, H, 1, r, D]) goes to the op's shared_key/shared_value inputs, read in place rather than
+copied into each chunk. The numerical check decides. A block with no bias (the landmarks) leaves every row a
+visible key, so the op checks no row (masked_rows "none").
 """
 from __future__ import annotations
 
@@ -80,11 +81,21 @@ def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -
             keys.append(k)
         values.append(product.input[1])
         boundary += [k, product.input[1], *chain.side_inputs(index)]
+    # blocks over a set every chunk shares (the landmarks) go to the op's shared inputs, read in place; the op
+    # sees those keys first, so they lead in the bias too
+    shared = [all(layout.shared_by_every_chunk(probe, t, q) for t in kv) for kv in zip(keys, values)]
+    if all(shared):
+        shared = [False] * len(shared)
+    order = sorted(range(len(chains)), key=lambda i: not shared[i])
+    chains, keys, values = ([items[i] for i in order] for items in (chains, keys, values))
+    n_shared = sum(shared)
     bias = _concatenated_bias(index, probe, chains, name, rewrite)
     query = layout.into_op(probe, q, f"{name}/query", rewrite)
-    key = layout.concatenated_into_op(index, probe, keys, q, f"{name}/key", rewrite)
-    value = layout.concatenated_into_op(index, probe, values, q, f"{name}/value", rewrite)
-    rewrite.evaluate(probe, [key[0], value[0], bias], index.model.opset_import)
+    key = layout.concatenated_into_op(probe, keys[n_shared:], q, f"{name}/key", rewrite)
+    value = layout.concatenated_into_op(probe, values[n_shared:], q, f"{name}/value", rewrite)
+    shared_kv = [layout.shared_into_op(probe, parts[:n_shared], f"{name}/shared_{kind}", rewrite)
+                 for kind, parts in (("key", keys), ("value", values))] if n_shared else []
+    rewrite.evaluate(probe, [key[0], value[0], bias, *shared_kv], index.model.opset_import)
     op_output = f"{name}/output"
     expected = layout.out_of_op(probe, op_output, output, like=q, name=name, rewrite=rewrite)
     bias_op, bias_value = layout.bias_into_op(probe, bias, [run[bias] for run in probe.runs], like=q, name=name,
@@ -94,10 +105,10 @@ def match(index: GraphIndex, probe: Probe, softmax: onnx.NodeProto, name: str) -
     attrs = {"num_heads": layout.heads, "scale": chains[0].scale, "causal": 0}
     if any(_never_masked(probe, chain) for chain in chains):  # every row keeps that block's keys: nothing to check
         attrs["masked_rows"] = "none"
-    why = verify_numerically(OP, probe, [query[1], key[1], value[1], bias_value], expected, attrs)
+    why = verify_numerically(OP, probe, [query[1], key[1], value[1], bias_value, *shared_kv], expected, attrs)
     if why:
         raise NotFused(f"the op's reference does not reproduce the graph: {why}")
-    return rewrite.match(OP, name, [query[0], key[0], value[0], bias_op], op_output, attrs, nodes)
+    return rewrite.match(OP, name, [query[0], key[0], value[0], bias_op, *shared_kv], op_output, attrs, nodes)
 
 
 def _never_masked(probe: Probe, chain) -> bool:
