@@ -137,8 +137,9 @@ def test_unchecked_rows_are_nan_as_a_plain_softmax_makes_them():
         np.testing.assert_allclose(got[:, rows], zeros[:, rows], atol=1e-5, rtol=1e-4)
 
 
-@settings(max_examples=12, deadline=None)
-@given(heads=st.integers(1, 2), groups=st.integers(1, 3), shared_rows=st.integers(1, 4), nq=st.integers(1, 5),
+@pytest.mark.parametrize("heads", [1, 2])  # one head: a group's rows stack into one product per shared set
+@settings(max_examples=8, deadline=None)
+@given(groups=st.integers(1, 3), shared_rows=st.integers(1, 4), nq=st.integers(1, 5),
        causal=st.integers(0, 1), masked_rows=st.sampled_from(["zeros", "mean"]), seed=st.integers(0, 99))
 def test_shared_keys_are_what_each_group_sees_first(heads, groups, shared_rows, nq, causal, masked_rows, seed):
     """Batch row b sees its group's shared set (b // (B / Bs)) ahead of its own keys: the same output as those keys

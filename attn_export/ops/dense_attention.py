@@ -111,7 +111,9 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
         scores = b.op("MatMul", qs, b.transpose_last(kf, 4))
         if shared_key:
             shared = tuple(b.op("Cast", b.split_heads(t, attrs["num_heads"]), to=1) for t in (shared_key, shared_value))
-            scores = b.op("Concat", _per_group(b, qs, b.transpose_last(shared[0], 4)), scores, axis=-1)
+            # scaled after its MatMul: q scaled once for two MatMuls would be a Mul onnxruntime cannot fold away
+            shared_scores = _per_group(b, qf, b.transpose_last(shared[0], 4), attrs["num_heads"], scale)
+            scores = b.op("Concat", shared_scores, scores, axis=-1)
         if bias:
             scores = b.op("Add", scores, b.op("Cast", bias, to=1))
     if attrs["causal"]:
@@ -128,7 +130,7 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
         probs = b.op("Softmax", scores, axis=-1)
     else:
         raise ValueError(f"unknown score_fn {attrs['score_fn']!r}")
-    values = JoinedValues(vf, *(shared[1:] if shared else ()))
+    values = JoinedValues(vf, *((shared[1], attrs["num_heads"]) if shared else ()))
     if attrs["score_fn"] == "softmax" and (bias or attrs["causal"]):
         out = guarded_product(b, scores, probs, values, attrs["masked_rows"])
     else:
@@ -137,12 +139,24 @@ def decompose(b: OnnxBuilder, inputs: list[str], outputs: list[str], attrs: dict
     b.merge_heads(out, outputs[0], attrs["num_heads"])
 
 
-def _per_group(b: OnnxBuilder, rows: str, shared: str) -> str:
-    """rows [B, ..] @ shared [Bs, ..], batch row b against shared[b // (B / Bs)]: rows viewed as [Bs, B / Bs, ..]
-    against shared [Bs, 1, ..], one broadcast MatMul that reads each shared set in place."""
+def _per_group(b: OnnxBuilder, rows: str, shared: str, heads: int, scale: str | None = None) -> str:
+    """rows [B, H, N, X] @ shared [Bs, H, X, Y] (times `scale`), batch row b against shared[b // (B / Bs)], each
+    shared set read in place. With one head (Transformer-LS: heads and chunks folded into the batch) a group's rows
+    are consecutive, so they stack as [Bs, 1, G*N, X]: one large product per set instead of G small ones (which
+    onnxruntime runs one by one). Otherwise rows [Bs, G, H, N, X] against shared [Bs, 1, H, X, Y], broadcast. The
+    scale follows the MatMul directly, where onnxruntime folds a constant one into it."""
+    if heads == 1:  # Reshape's 0 copies the input's size on that axis
+        stacked = b.op("Reshape", rows, b.op("Concat", b.op("Shape", shared, end=1), b.const([1, -1, 0]), axis=0))
+        product = b.op("MatMul", stacked, shared)
+        if scale is not None:
+            product = b.op("Mul", product, scale)
+        return b.op("Reshape", product, b.op("Concat", b.const([-1, 1]), b.op("Shape", rows, start=2, end=3),
+                                             b.const([0]), axis=0))
     grouped = b.op("Reshape", rows, b.op("Concat", b.op("Shape", shared, end=1), b.const([-1]),
                                          b.op("Shape", rows, start=1), axis=0))
     product = b.op("MatMul", grouped, b.unsqueeze(shared, [1]))
+    if scale is not None:
+        product = b.op("Mul", product, scale)
     return b.op("Reshape", product, b.op("Concat", b.const([-1]), b.op("Shape", product, start=2), axis=0))
 
 
@@ -150,15 +164,15 @@ class JoinedValues:
     """The values a weight row multiplies: the row's own [B,H,Nk,Dv], after its group's shared set [Bs,H,R,Dv]
     where there is one (the weights' first R columns are the shared keys')."""
 
-    def __init__(self, own: str, shared: str | None = None):
-        self.own, self.shared = own, shared
+    def __init__(self, own: str, shared: str | None = None, heads: int = 1):
+        self.own, self.shared, self.heads = own, shared, heads
 
     def product(self, b: OnnxBuilder, probs: str) -> str:
         if self.shared is None:
             return b.op("MatMul", probs, self.own)
         sizes = b.op("Concat", *(b.op("Shape", t, start=2, end=3) for t in (self.shared, self.own)), axis=0)
         first, rest = b.op("Split", probs, sizes, axis=-1, n_out=2)
-        return b.op("Add", _per_group(b, first, self.shared), b.op("MatMul", rest, self.own))
+        return b.op("Add", _per_group(b, first, self.shared, self.heads), b.op("MatMul", rest, self.own))
 
     def mean(self, b: OnnxBuilder, probs: str) -> str:
         """[B,H,1,Dv]: the mean of every value a row of `probs` [B,H,Nq,R+Nk] sees."""
