@@ -15,7 +15,7 @@ from attn_export.backends import OnnxRuntimeRunner
 from attn_export.export import export_onnx
 from attn_export.passes import fuse_graph
 
-HEADS, WIDTH, N = 2, 16, 12
+HEADS, WIDTH, N, MEMORY = 2, 16, 12, 4
 
 
 class Attention(nn.Module):
@@ -26,6 +26,10 @@ class Attention(nn.Module):
         self.style = style
         self.qkv, self.out = nn.Linear(WIDTH, 3 * WIDTH), nn.Linear(WIDTH, WIDTH)
         self.bias = nn.Parameter(torch.randn(1, HEADS, 64, 64))
+        # memory slots every query also attends to (learned, shifted by the sequence's mean key and value), with
+        # their own bias
+        self.memory_k, self.memory_v = (nn.Parameter(torch.randn(1, HEADS, MEMORY, WIDTH // HEADS)) for _ in "kv")
+        self.memory_bias = nn.Parameter(torch.randn(1, HEADS, 1, MEMORY))
 
     def forward(self, x, mask):
         b, n, _ = x.shape
@@ -47,6 +51,14 @@ class Attention(nn.Module):
             o = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v
         elif self.style == "padding_mask":  # an additive mask computed from a model input
             o = torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5 + (1.0 - mask[:, None, None, :]) * -1e9, -1) @ v
+        elif self.style in ("memory_keys", "memory_keys_biased"):  # one softmax over two score blocks, joined
+            memory_k, memory_v = self.memory_k + k.mean(2, keepdim=True), self.memory_v + v.mean(2, keepdim=True)
+            memory = q @ memory_k.transpose(-1, -2) * d ** -0.5
+            if self.style == "memory_keys_biased":
+                memory = memory + self.memory_bias
+            own = (q @ k.transpose(-1, -2) * d ** -0.5).masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+            p = torch.softmax(torch.cat([memory, own], -1), -1)
+            o = p[..., :MEMORY] @ memory_v + p[..., MEMORY:] @ v
         elif self.style == "wrong_axis":
             o = torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5, dim=-2) @ v
         elif self.style == "leaked_probs":  # an inner tensor (the attention weights) read after the layer
@@ -108,6 +120,23 @@ def test_materialised_logits_are_unchecked_only_where_every_row_keeps_a_key(styl
     for feeds in inputs:
         got = next(iter(runner.run({k: v.numpy() for k, v in feeds.items()}).values()))
         assert abs(got - module(**feeds).detach().numpy()).max() < 1e-4
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("style", ["memory_keys", "memory_keys_biased"])
+def test_one_softmax_over_joined_score_blocks_is_attention_over_the_joined_keys(style, exporter):
+    """Memory slots beside the padded keys, one softmax over both blocks: one DenseAttention whose bias is the
+    blocks' biases side by side (the padding mask beside zeros, one Pad; or beside the memory's own bias). Rows
+    always keep the unmasked memory keys, so only then is no row checked. (Fixed length only: a sequence that is
+    not cut into chunks of one length is not taken by this pass yet.)"""
+    module, model, inputs = _export(style, exporter, dynamic=False)
+    fused, report = api.fuse(model)
+    assert report.all_fused, report.as_dict()
+    assert report.layers[0].attributes["masked_rows"] == ("none" if style == "memory_keys" else "zeros")
+    assert any(n.op_type == "Pad" for n in fused.graph.node) == (style == "memory_keys")
+    feeds = {k: v.numpy() for k, v in inputs[0].items()}
+    got = next(iter(OnnxRuntimeRunner(fused, "fused").run(feeds).values()))
+    assert abs(got - module(**inputs[0]).detach().numpy()).max() < 1e-4
 
 
 def test_fixed_length_export_fuses_too():

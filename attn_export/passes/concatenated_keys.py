@@ -133,30 +133,43 @@ def _sum_of(index: GraphIndex, tensors: list[str]) -> str | None:
 
 def _concatenated_bias(index: GraphIndex, probe: Probe, chains: list, name: str, rewrite: Rewrite) -> str:
     """[b1 | b2 | ..] on the key axis, each block chain_i(0) (zero when the block has no bias) broadcast to
-    [.., Nk_i] and all to common leading axes (the query axis among them: Nq, or 1 when no block changes along it)."""
+    [.., Nk_i] and all to common leading axes (the query axis among them: Nq, or 1 when no block changes along it).
+    A single block with a bias that spans its keys (Transformer-LS's window mask beside the landmarks) is just
+    padded with the others' zeros: one Pad, not the shape nodes below, which onnxruntime runs one by one."""
+    cols = [probe.shape(chain.qk.output[0])[-1] for chain in chains]
+    biases = {i: chain_bias(index, probe, chain, f"{name}/block{i}", rewrite, rank4=False)
+              for i, chain in enumerate(chains) if chain.has_bias}
+    if len(biases) == 1:
+        (i, (block, values)), = biases.items()
+        if all(np.ndim(v) and np.shape(v)[-1] == probe.shape(chains[i].qk.output[0], run)[-1]
+               for run, v in enumerate(values)):
+            rank = np.ndim(values[0])
+            pads = [0] * (rank - 1) + [sum(cols[:i])] + [0] * (rank - 1) + [sum(cols[i + 1:])]
+            return rewrite.node("Pad", [block, rewrite.constant(f"{name}/bias_pads", np.array(pads, np.int64))],
+                                f"{name}/bias_all", name=f"{name}/bias_pad")
     rank = len(probe.shape(chains[0].qk.output[0]))
     zero = rewrite.constant(f"{name}/zero", np.array([0], np.int64))
     minus_one = rewrite.constant(f"{name}/minus_one", np.array([-1], np.int64))
     blocks, leads = [], []
     for i, chain in enumerate(chains):
-        cols = probe.shape(chain.qk.output[0])[-1]
-        if chain.has_bias:
-            block, _ = chain_bias(index, probe, chain, f"{name}/block{i}", rewrite, rank4=False)
+        if i in biases:
+            block = biases[i][0]
         else:
             block = rewrite.constant(f"{name}/block{i}_zero",
                                      np.zeros((), probe.runs[0][chain.qk.output[0]].dtype))
         # only the keys axis is filled in: a bias that does not change along the queries stays one row
-        size = rewrite.constant(f"{name}/block{i}_size", np.array([1] * (rank - 1) + [cols], np.int64))
+        size = rewrite.constant(f"{name}/block{i}_size", np.array([1] * (rank - 1) + [cols[i]], np.int64))
         full = rewrite.node("Expand", [block, size], f"{name}/block{i}_full", name=f"{name}/block{i}_expand")
         shape = rewrite.node("Shape", [full], f"{name}/block{i}_shape", name=f"{name}/block{i}_shape")
         leads.append(rewrite.node("Slice", [shape, zero, minus_one], f"{name}/block{i}_lead",
                                   name=f"{name}/block{i}_lead"))
-        blocks.append((full, cols))
+        blocks.append(full)
     lead = rewrite.node("Max", leads, f"{name}/bias_lead", name=f"{name}/bias_lead")
     expanded = []
-    for i, (block, cols) in enumerate(blocks):
-        target = rewrite.node("Concat", [lead, rewrite.constant(f"{name}/block{i}_cols", np.array([cols], np.int64))],
-                              f"{name}/block{i}_target", name=f"{name}/block{i}_target", axis=0)
+    for i, block in enumerate(blocks):
+        keys = rewrite.constant(f"{name}/block{i}_cols", np.array([cols[i]], np.int64))
+        target = rewrite.node("Concat", [lead, keys], f"{name}/block{i}_target", name=f"{name}/block{i}_target",
+                              axis=0)
         expanded.append(rewrite.node("Expand", [block, target], f"{name}/block{i}_common",
                                      name=f"{name}/block{i}_common"))
     return rewrite.node("Concat", expanded, f"{name}/bias_all", name=f"{name}/bias_concat", axis=-1)
