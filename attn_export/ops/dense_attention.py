@@ -148,16 +148,15 @@ def _per_group(b: OnnxBuilder, rows: str, shared: str, heads: int, scale: str | 
     if heads == 1:  # Reshape's 0 copies the input's size on that axis
         stacked = b.op("Reshape", rows, b.op("Concat", b.op("Shape", shared, end=1), b.const([1, -1, 0]), axis=0))
         product = b.op("MatMul", stacked, shared)
-        if scale is not None:
-            product = b.op("Mul", product, scale)
-        return b.op("Reshape", product, b.op("Concat", b.const([-1, 1]), b.op("Shape", rows, start=2, end=3),
-                                             b.const([0]), axis=0))
-    grouped = b.op("Reshape", rows, b.op("Concat", b.op("Shape", shared, end=1), b.const([-1]),
-                                         b.op("Shape", rows, start=1), axis=0))
-    product = b.op("MatMul", grouped, b.unsqueeze(shared, [1]))
+    else:
+        grouped = b.op("Reshape", rows, b.op("Concat", b.op("Shape", shared, end=1), b.const([-1]),
+                                             b.op("Shape", rows, start=1), axis=0))
+        product = b.op("MatMul", grouped, b.unsqueeze(shared, [1]))
     if scale is not None:
         product = b.op("Mul", product, scale)
-    return b.op("Reshape", product, b.op("Concat", b.const([-1]), b.op("Shape", product, start=2), axis=0))
+    # back to [B, H, N, Y]
+    return b.op("Reshape", product, b.op("Concat", b.const([-1]), b.op("Shape", rows, start=1, end=3),
+                                         b.op("Shape", shared, start=3), axis=0))
 
 
 class JoinedValues:

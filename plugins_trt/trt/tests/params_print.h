@@ -29,7 +29,8 @@ inline std::string print(BlockSparseAttentionParams const& p) {
 inline std::string print(DenseAttentionParams const& p) {
   Printer o;
   o("batch", p.batch)("q_len", p.q_len)("kv_len", p.kv_len)("shared_batch", p.shared_batch)(
-      "shared_len", p.shared_len)("head_dim", p.head_dim)("v_head_dim", p.v_head_dim)("bias_batch", p.bias_batch)("bias_heads", p.bias_heads)("bias_rows", p.bias_rows)("num_heads", p.num_heads)(
+      "shared_len", p.shared_len)("head_dim", p.head_dim)("v_head_dim", p.v_head_dim)("bias_batch", p.bias_batch)(
+      "bias_heads", p.bias_heads)("bias_rows", p.bias_rows)("num_heads", p.num_heads)(
       "scale", p.scale)("causal", p.causal)("score_fn", p.score_fn)("logits_input", p.logits_input)(
       "masked_rows", p.masked_rows);
   return o.out.str();
